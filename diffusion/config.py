@@ -1,0 +1,67 @@
+"""Typed configuration of the factorized 3D U-Net and of the Gaussian diffusion process."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+
+@dataclass
+class UNetConfig:
+    """Architecture of `UNet3D` (diffusion/unet3d.py)."""
+
+    in_channels: int = 4  # latent channels
+    base_channels: int = 64
+    channel_mult: tuple[int, ...] = (1, 2, 4, 8)
+    num_res_blocks: int = 2
+    # levels (indices into channel_mult) that get spatial + temporal attention after each res block
+    attention_levels: tuple[int, ...] = (2, 3)
+    head_dim: int = 32
+    norm_groups: int = 32
+    dropout: float = 0.0
+    temporal_conv: bool = True  # zero-initialised 3x1x1 conv per res block, skipped when T == 1
+    temporal_attention: bool = True
+    max_relative_position: int = 32  # learned relative bias buckets are clipped to +-this
+    num_classes: int = 0  # 0: unconditional; otherwise index num_classes is the null label (CFG)
+    frame_conditioning: bool = True  # extra inputs: known frames' latents + a mask channel
+    gradient_checkpointing: bool = False
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["channel_mult"] = list(self.channel_mult)
+        d["attention_levels"] = list(self.attention_levels)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "<dict>") -> UNetConfig:
+        return _strict_from_dict(cls, d, source)
+
+
+@dataclass
+class DiffusionConfig:
+    """Noise schedule, prediction target and loss weighting (diffusion/schedules.py, process.py)."""
+
+    schedule: str = "cosine"  # "linear" or "cosine"
+    num_timesteps: int = 1000
+    beta_start: float = 1e-4  # linear schedule only
+    beta_end: float = 0.02
+    zero_terminal_snr: bool = False  # Lin et al. 2023 rescaling (use with v-prediction)
+    prediction: str = "v"  # "eps", "v" or "x0"
+    loss_weighting: str = "min_snr"  # "none" or "min_snr"
+    min_snr_gamma: float = 5.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "<dict>") -> DiffusionConfig:
+        return _strict_from_dict(cls, d, source)
+
+
+def _strict_from_dict(cls, d: dict, source: str):
+    """Build a flat dataclass from a dict, naming any unknown key (used for config.json)."""
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"{source}: unknown key(s) for {cls.__name__}: {', '.join(unknown)}")
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+    return cls(**kwargs)

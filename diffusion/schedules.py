@@ -1,0 +1,105 @@
+"""Noise schedules as pure functions of the step count, and the conversions between
+eps / v / x0 parameterisations. All tensors are float64 on CPU unless given otherwise.
+
+Notation (Ho et al. 2020; Salimans & Ho 2022): x_t = alpha_t * x0 + sigma_t * eps with
+alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t); SNR(t) = alpha_t^2 / sigma_t^2;
+v = alpha_t * eps - sigma_t * x0.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def linear_alphas_cumprod(num_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
+    """DDPM's linear beta schedule (Ho et al. 2020), scaled for 1000 steps."""
+    betas = torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+def cosine_alphas_cumprod(num_timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> torch.Tensor:
+    """Cosine schedule (Nichol & Dhariwal 2021): abar(t) = cos^2((t/T + s)/(1 + s) * pi/2).
+    Betas are clipped at `max_beta` to avoid the singularity at t = T."""
+    t = torch.arange(num_timesteps + 1, dtype=torch.float64) / num_timesteps
+    f = torch.cos((t + s) / (1 + s) * math.pi / 2) ** 2
+    betas = (1 - f[1:] / f[:-1]).clamp(max=max_beta)
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+def rescale_zero_terminal_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """Lin et al. 2023, Alg. 1: shift and scale sqrt(abar) so the last step has SNR exactly 0
+    while the first keeps its value. The model must then predict v (eps is undefined at SNR 0)."""
+    sqrt_ab = alphas_cumprod.sqrt()
+    first, last = sqrt_ab[0].clone(), sqrt_ab[-1].clone()
+    sqrt_ab = (sqrt_ab - last) * first / (first - last)
+    return sqrt_ab**2
+
+
+def make_alphas_cumprod(
+    schedule: str,
+    num_timesteps: int,
+    *,
+    beta_start: float = 1e-4,
+    beta_end: float = 0.02,
+    zero_terminal_snr: bool = False,
+) -> torch.Tensor:
+    """abar_t for t = 0..num_timesteps-1 (float64)."""
+    if schedule == "linear":
+        ab = linear_alphas_cumprod(num_timesteps, beta_start, beta_end)
+    elif schedule == "cosine":
+        ab = cosine_alphas_cumprod(num_timesteps)
+    else:
+        raise ValueError(f"unknown noise schedule {schedule!r} (expected 'linear' or 'cosine')")
+    return rescale_zero_terminal_snr(ab) if zero_terminal_snr else ab
+
+
+def snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """SNR = abar / (1 - abar); inf where abar == 1, 0 where abar == 0."""
+    return alphas_cumprod / (1.0 - alphas_cumprod)
+
+
+def alpha_sigma(alphas_cumprod: torch.Tensor, t: torch.Tensor, ndim: int, dtype=torch.float32):
+    """alpha_t, sigma_t gathered at integer timesteps `t` [B], shaped [B, 1, ...] for broadcasting."""
+    ab = alphas_cumprod.to(t.device)[t.long()]
+    shape = (-1,) + (1,) * (ndim - 1)
+    return ab.sqrt().to(dtype).view(shape), (1 - ab).sqrt().to(dtype).view(shape)
+
+
+# ----------------------------------------------------------------------------- conversions
+# alpha, sigma broadcast against x; alpha^2 + sigma^2 = 1.
+
+
+def x0_from_eps(x_t, eps, alpha, sigma):
+    return (x_t - sigma * eps) / alpha
+
+
+def eps_from_x0(x_t, x0, alpha, sigma):
+    return (x_t - alpha * x0) / sigma
+
+
+def x0_from_v(x_t, v, alpha, sigma):
+    return alpha * x_t - sigma * v
+
+
+def eps_from_v(x_t, v, alpha, sigma):
+    return sigma * x_t + alpha * v
+
+
+def v_from_x0_eps(x0, eps, alpha, sigma):
+    return alpha * eps - sigma * x0
+
+
+def to_x0_eps(prediction: str, model_out, x_t, alpha, sigma):
+    """Turn a raw model output of the given parameterisation into (x0_hat, eps_hat).
+    For eps-prediction at sigma ~ 1 the x0 estimate is ill-conditioned; use v there."""
+    if prediction == "eps":
+        eps = model_out
+        return x0_from_eps(x_t, eps, alpha, sigma), eps
+    if prediction == "v":
+        return x0_from_v(x_t, model_out, alpha, sigma), eps_from_v(x_t, model_out, alpha, sigma)
+    if prediction == "x0":
+        x0 = model_out
+        return x0, eps_from_x0(x_t, x0, alpha, sigma)
+    raise ValueError(f"unknown prediction type {prediction!r} (expected 'eps', 'v' or 'x0')")

@@ -1,0 +1,206 @@
+"""Typed config loading for every entry point: YAML file -> nested dataclasses, with
+`section.key=value` overrides, strict keys (an unknown key is an error naming key and file),
+type conversion and checking, and a resolved-config dump."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override is wrong: the message names the key and where it came from."""
+
+
+@dataclass
+class TrainConfig:
+    """Keys every training config has (DESIGN.md)."""
+
+    batch_size: int = 8
+    lr: float = 1e-4
+    max_steps: int = 1000
+    log_every: int = 10
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    seed: int = 0
+    mixed_precision: str = "no"  # "no", "bf16" or "fp16"
+    grad_accum: int = 1
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    max_nonfinite: int = 5  # stop after this many non-finite losses/gradients in a row
+    num_workers: int = 0
+    tensorboard: bool = False
+
+    def __post_init__(self):
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ConfigError(f"train.mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
+
+
+# ----------------------------------------------------------------------------- conversion
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value, tp, key: str, source: str):
+    """Convert a YAML value (or an override string already YAML-parsed) to type `tp`."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(value, inner[0], key, source)
+    if is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: '{key}' must be a mapping (section), got {value!r}")
+        return _build(tp, value, source, prefix=key + ".")
+    if origin in (tuple, list):
+        if isinstance(value, str):
+            value = [v.strip() for v in value.strip("()[]").split(",") if v.strip()]
+            value = [yaml.safe_load(v) for v in value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: '{key}' must be a list, got {value!r}")
+        elem = args[0] if args else str
+        out = [_convert(v, elem, key, source) for v in value]
+        return tuple(out) if origin is tuple else out
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{source}: '{key}' must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ConfigError(f"{source}: '{key}' must be an integer, got {value!r}")
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"{source}: '{key}' must be an integer, got {value!r}") from None
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{source}: '{key}' must be a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{source}: '{key}' must be a number, got {value!r}") from None
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{source}: '{key}' must be a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{source}: '{key}' has an unsupported type {_type_name(tp)}")
+
+
+def _build(cls, data: dict, source: str, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in fields(cls)}
+    for k in data:
+        if k not in names:
+            raise ConfigError(
+                f"{source}: unknown config key '{prefix}{k}' (known in this section: {', '.join(sorted(names))})"
+            )
+    kwargs = {k: _convert(v, hints[k], prefix + k, source) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def parse_override(text: str) -> tuple[list[str], object]:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like section.key=value")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw != "" else ""
+    return key.strip().split("."), value
+
+
+def load_config(cls, path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()):
+    """Load `cls` (a dataclass, possibly nested) from a YAML file plus `a.b=value` overrides."""
+    data: dict = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    cfg = _build(cls, data, source)
+    for ov in overrides:
+        cfg = apply_override(cfg, ov)
+    return cfg
+
+
+def apply_override(cfg, text: str):
+    """Return a copy of `cfg` with one `section.key=value` override applied (type-checked)."""
+    keys, value = parse_override(text)
+    source = f"override '{text}'"
+
+    def _set(obj, path: list[str], prefix: str):
+        names = {f.name for f in fields(obj)}
+        head = path[0]
+        if head not in names:
+            raise ConfigError(f"{source}: unknown config key '{prefix}{head}'")
+        hint = typing.get_type_hints(type(obj))[head]
+        if len(path) == 1:
+            new = _convert(value, hint, prefix + head, source)
+        else:
+            child = getattr(obj, head)
+            if not is_dataclass(child):
+                raise ConfigError(f"{source}: '{prefix}{head}' is not a section")
+            new = _set(child, path[1:], prefix + head + ".")
+        try:
+            return dataclasses.replace(obj, **{head: new})
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+
+    return _set(cfg, keys, "")
+
+
+def config_to_dict(cfg) -> dict:
+    """Plain dict (tuples as lists) of a nested dataclass config."""
+
+    def plain(v):
+        if is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in fields(v)}
+        if isinstance(v, (tuple, list)):
+            return [plain(x) for x in v]
+        return v
+
+    return plain(cfg)
+
+
+def save_config(cfg, path: str | Path) -> None:
+    """Write the fully resolved config as YAML (atomically)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    tmp.replace(path)
+
+
+__all__ = [
+    "ConfigError",
+    "TrainConfig",
+    "apply_override",
+    "config_to_dict",
+    "field",
+    "load_config",
+    "save_config",
+]
