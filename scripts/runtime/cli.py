@@ -1,0 +1,47 @@
+"""Command-line conventions shared by every entry point (DESIGN.md): `--config FILE.yaml`,
+trailing `section.key=value` overrides, `--output-dir DIR`, resolved config in DIR/config.yaml."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .config import ConfigError, load_config, save_config
+
+
+def build_parser(description: str, *, prog: str | None = None, training: bool = False) -> argparse.ArgumentParser:
+    """An argparse parser with the common flags; entry points add their own."""
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Trailing arguments of the form section.key=value override the config file.",
+    )
+    p.add_argument("--config", type=Path, default=None, help="YAML config file")
+    p.add_argument("--output-dir", type=Path, required=True, help="folder for all outputs")
+    if training:
+        p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+    return p
+
+
+def resolve_config(cls, args: argparse.Namespace, *, write: bool = True):
+    """Load the config named by `args`, apply overrides (and --max-steps), write DIR/config.yaml."""
+    overrides = list(args.overrides)
+    if getattr(args, "max_steps", None) is not None:
+        overrides.append(f"train.max_steps={args.max_steps}")
+    cfg = load_config(cls, args.config, overrides)
+    if write:
+        save_config(cfg, Path(args.output_dir) / "config.yaml")
+    return cfg
+
+
+def run_main(fn, argv=None) -> int:
+    """Run an entry point's body, turning expected user errors into one clear line and exit code 2."""
+    try:
+        fn(argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
