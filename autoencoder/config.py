@@ -43,6 +43,7 @@ class LossConfig:
     recon_weight: float = 1.0
     perceptual_weight: float = 1.0  # 0 turns LPIPS off entirely
     lpips_pretrained: bool = True  # False: random backbone (tests, offline without weights)
+    lpips_net: str = "vgg"  # LPIPS backbone: "vgg" (as in LDM) or "alex" (smaller, faster)
     kl_weight: float = 1e-6
     disc_weight: float = 0.5
     disc_start: int = 5000  # generator's adversarial term and discriminator updates start here

@@ -1,0 +1,312 @@
+"""Training-time reader of latent shards: a seeded, resumable WebDataset pipeline of whitened latents.
+
+Epoch order is a pure function of (seed, epoch, rank, world_size, num_workers, batch_size): shard
+order and every worker's shuffle buffer are seeded from those, and the posterior-sample noise of
+each sample from (seed, epoch, key). Each sample is read exactly once per epoch across ranks and
+DataLoader workers ("slots", slot = rank + world_size * worker):
+  - shards >= slots: shard-level split, slot s reads shuffled_shards[s::slots]. Slots (and so
+    ranks) can get different numbers of samples: loop epochs per rank and count steps, not epochs.
+  - shards <  slots: sample-level split, every slot reads all shards and keeps the samples whose
+    running index i (in the epoch's shard order) has i % slots == s. Exact and balanced to +-1,
+    but each slot reads all bytes: meant for small data (tests, demos), not for big runs.
+Resume mid-epoch (`resume_position` = batches already consumed this epoch): each worker skips its
+share of those batches after its shuffle buffer and before decoding, so skipped samples cost a tar
+read but no decode. DataLoader hands out worker batches round-robin (exhausted workers dropped),
+which is what `worker_skips` reproduces.
+Start-up checks sizes of all listed shards against manifest.json (cheap); sha256 of every shard is
+only checked with verify=True or scripts.verify_shards (reading all data each epoch is too slow).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import random
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, get_worker_info
+
+from .shards import MANIFEST, ShardError, check_shard_files, load_manifest
+from .stats import LatentStats, load_stats
+
+ALLOWED_MEMBERS = ("json", "logvar.npy", "mean.npy")  # nothing else is ever decoded (never pickle)
+
+
+def un_whiten(x: torch.Tensor, stats: LatentStats) -> torch.Tensor:
+    """Inverse of the reader's whitening: x * std + mean per channel; x is [..., C, T, h, w]."""
+    shape = (-1, 1, 1, 1)
+    mean = torch.as_tensor(stats.mean, dtype=x.dtype, device=x.device).view(shape)
+    std = torch.as_tensor(stats.std, dtype=x.dtype, device=x.device).view(shape)
+    return x * std + mean
+
+
+def whiten(x: torch.Tensor, stats: LatentStats) -> torch.Tensor:
+    """(x - mean) / std per channel; x is [..., C, T, h, w]."""
+    shape = (-1, 1, 1, 1)
+    mean = torch.as_tensor(stats.mean, dtype=x.dtype, device=x.device).view(shape)
+    std = torch.as_tensor(stats.std, dtype=x.dtype, device=x.device).view(shape)
+    return (x - mean) / std
+
+
+# ----------------------------------------------------------------------------- epoch plan (pure)
+
+
+def epoch_shard_order(shards: list[dict], seed: int, epoch: int, shuffle: bool) -> list[dict]:
+    if not shuffle:
+        return list(shards)
+    perm = np.random.default_rng([seed, epoch, 0x5A4D]).permutation(len(shards))
+    return [shards[i] for i in perm]
+
+
+def slot_sample_counts(order: list[dict], world_size: int, num_workers: int) -> list[int]:
+    """Samples each slot (rank + world_size * worker) reads in an epoch with this shard order."""
+    slots = world_size * num_workers
+    if len(order) >= slots:
+        return [sum(e["samples"] for e in order[s::slots]) for s in range(slots)]
+    total = sum(e["samples"] for e in order)
+    return [(total - s + slots - 1) // slots for s in range(slots)]
+
+
+def worker_skips(batches_per_worker: list[int], consumed: int) -> list[int]:
+    """How many batches each worker had delivered after `consumed` batches of a DataLoader epoch.
+
+    DataLoader takes batches from its workers in turn, dropping workers that are exhausted."""
+    skips = [0] * len(batches_per_worker)
+    left = consumed
+    while left > 0:
+        progressed = False
+        for w, n in enumerate(batches_per_worker):
+            if left > 0 and skips[w] < n:
+                skips[w] += 1
+                left -= 1
+                progressed = True
+        if not progressed:
+            raise ValueError(f"resume position {consumed} is past the end of the epoch ({sum(batches_per_worker)})")
+    return skips
+
+
+def _noise_seed(seed: int, epoch: int, key: str) -> int:
+    digest = hashlib.sha256(f"{seed}:{epoch}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+# ----------------------------------------------------------------------------- pipeline stages
+
+
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+def _slot_shards(plan, rank: int, world_size: int, num_workers: int):
+    """Source: this slot's shards, plus the sample filter (slot, slots) for sample-level splitting."""
+    worker, k = _worker()
+    if k != num_workers:
+        raise RuntimeError(f"loader planned for {num_workers} workers but runs in {k}: build it with the same num_workers")
+    slots, slot = world_size * num_workers, rank + world_size * worker
+    order = plan()
+    if len(order) >= slots:  # wds.split_by_node then wds.split_by_worker, with explicit rank/worker
+        return iter([(entry, None) for entry in order[slot::slots]])
+    return iter([(entry, (slot, slots)) for entry in order])
+
+
+def _read_shards(src, folder: Path):
+    """Raw samples of each shard; a shard that is unreadable or has the wrong sample count is an error."""
+    index = 0  # running sample index over the epoch's shard order (sample-level split)
+    for entry, sample_filter in src:
+        path = folder / entry["name"]
+        count = 0
+        try:
+            for sample in wds.tarfile_samples([{"url": str(path)}]):
+                count += 1
+                if sample_filter is None or index % sample_filter[1] == sample_filter[0]:
+                    yield sample
+                index += 1
+        except ShardError:
+            raise
+        except Exception as e:  # tarfile.ReadError, EOF inside a member, duplicate names ...
+            raise ShardError(f"{path}: unreadable or truncated shard after {count} samples ({e})") from e
+        if count != entry["samples"]:
+            raise ShardError(
+                f"{path}: holds {count} samples but {folder / MANIFEST} lists {entry['samples']} "
+                "(truncated or replaced shard; run scripts.verify_shards)"
+            )
+
+
+def _shuffle(src, bufsize: int, seed: int, epoch: int, rank: int):
+    if bufsize <= 1:
+        return src
+    worker, _ = _worker()
+    rng = random.Random(f"{seed}:{epoch}:{rank}:{worker}")
+    return wds.shuffle(bufsize, bufsize, rng=rng)(src)
+
+
+def _skip(src, per_worker: list[int]):
+    n = per_worker[_worker()[0]]
+    for i, sample in enumerate(src):
+        if i >= n:
+            yield sample
+
+
+def decode_sample(raw: dict, latent_shape: tuple[int, int, int], frames: int) -> dict:
+    """Raw tar members -> {"mean", "logvar" float16 numpy, "meta" dict}; only npy and json are read."""
+    url, key = raw.get("__url__", "?"), raw.get("__key__", "?")
+    members = {k: v for k, v in raw.items() if not k.startswith("__")}
+    extra = sorted(set(members) - set(ALLOWED_MEMBERS))
+    if extra or len(members) != len(ALLOWED_MEMBERS):
+        what = f"unexpected member(s) {extra}" if extra else f"missing member(s) {sorted(set(ALLOWED_MEMBERS) - set(members))}"
+        raise ShardError(f"{url}: sample {key}: {what}; only {list(ALLOWED_MEMBERS)} are read (never pickle)")
+    out = {"meta": json.loads(members["json"].decode("utf-8"))}
+    expected = (latent_shape[0], frames, latent_shape[1], latent_shape[2])
+    for name in ("mean", "logvar"):
+        arr = np.load(io.BytesIO(members[f"{name}.npy"]), allow_pickle=False)
+        if arr.dtype != np.float16 or arr.shape != expected:
+            raise ShardError(f"{url}: sample {key}: {name}.npy is {arr.dtype}{list(arr.shape)}, expected float16{list(expected)}")
+        out[name] = arr
+    out["key"] = key
+    return out
+
+
+def _to_latent(src, stats: LatentStats, use_mean: bool, seed: int, epoch: int, latent_shape, frames):
+    for raw in src:
+        d = decode_sample(raw, latent_shape, frames)
+        x = torch.from_numpy(d["mean"].astype(np.float32))
+        if not use_mean:  # posterior sample z = mean + exp(logvar / 2) * eps, eps seeded per sample
+            g = torch.Generator().manual_seed(_noise_seed(seed, epoch, d["key"]))
+            std = torch.from_numpy(d["logvar"].astype(np.float32)).mul(0.5).exp()
+            x = x + std * torch.randn(x.shape, generator=g)
+        label = d["meta"].get("label")
+        yield {"latent": whiten(x, stats), "label": -1 if label is None else int(label), "key": d["key"], "meta": d["meta"]}
+
+
+def collate(samples: list[dict]) -> dict:
+    """latent [B, C, T, h, w] float32, label [B] int64 (-1: unlabelled), key and meta as lists."""
+    return {
+        "latent": torch.stack([s["latent"] for s in samples]),
+        "label": torch.tensor([s["label"] for s in samples], dtype=torch.long),
+        "key": [s["key"] for s in samples],
+        "meta": [s["meta"] for s in samples],
+    }
+
+
+# ----------------------------------------------------------------------------- dataset and loader
+
+
+def _open(folder_or_urls, kind: str) -> tuple[Path, dict, list[dict]]:
+    """(folder, manifest, listed entries of `kind`) for a shards folder or a list of its shard files."""
+    if isinstance(folder_or_urls, (str, Path)) and Path(folder_or_urls).is_dir():
+        folder, names = Path(folder_or_urls), None
+    else:
+        paths = [Path(p) for p in ([folder_or_urls] if isinstance(folder_or_urls, (str, Path)) else folder_or_urls)]
+        parents = {p.parent for p in paths}
+        if len(parents) != 1:
+            raise ShardError(f"shard files must come from one folder (with its {MANIFEST}), got {sorted(map(str, parents))}")
+        folder, names = parents.pop(), {p.name for p in paths}
+    manifest = load_manifest(folder)
+    listed = {e["name"] for e in manifest["shards"]}
+    if names is not None and names - listed:
+        raise ShardError(f"{folder / MANIFEST} does not list {sorted(names - listed)}")
+    entries = [e for e in manifest["shards"] if e["kind"] == kind and (names is None or e["name"] in names)]
+    if not entries:
+        raise ShardError(f"{folder / MANIFEST}: no {kind} shards")
+    return folder, manifest, entries
+
+
+class LatentShardDataset(wds.DataPipeline):
+    """One epoch of one rank's whitened latents, batched: see the module docstring for the order.
+
+    Yields dicts from `collate`. Checks the manifest (sizes, latent shape, autoencoder hash) at
+    construction; reading raises ShardError naming a shard that is truncated or altered.
+    """
+
+    def __init__(
+        self, folder_or_urls, *, kind: str = "video", batch_size: int = 8, shuffle_buffer: int = 1000,
+        seed: int = 0, epoch: int = 0, use_mean: bool = False, num_workers: int = 0, rank: int = 0,
+        world_size: int = 1, expected_autoencoder_hash: str | None = None, resume_position: int = 0,
+        drop_last: bool = False, verify: bool = False,
+    ):  # fmt: skip
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        folder, manifest, entries = _open(folder_or_urls, kind)
+        problems = check_shard_files(folder, {"shards": entries}, full_hash=verify)
+        if problems:
+            raise ShardError("; ".join(problems))
+        self.folder, self.manifest, self.stats = folder, manifest, load_stats(folder)
+        latent_shape = tuple(manifest["latent_shape"])
+        if self.stats.channels != latent_shape[0]:
+            raise ShardError(f"{folder / 'stats.json'}: {self.stats.channels} channels, but {folder / MANIFEST} says {latent_shape}")
+        found = manifest.get("autoencoder", {}).get("weights_sha256")
+        if expected_autoencoder_hash is not None and found != expected_autoencoder_hash:
+            raise ShardError(
+                f"{folder / MANIFEST}: shards were encoded by autoencoder weights {str(found)[:16]}..., "
+                f"not the expected {expected_autoencoder_hash[:16]}...: re-encode with this autoencoder"
+            )
+        workers = max(num_workers, 1)
+        plan = partial(epoch_shard_order, entries, seed, epoch, shuffle_buffer > 1)
+        counts = slot_sample_counts(plan(), world_size, workers)
+        per_worker = [counts[rank + world_size * w] for w in range(workers)]
+        div = (lambda n: n // batch_size) if drop_last else (lambda n: -(-n // batch_size))
+        self.batches_per_worker = [div(n) for n in per_worker]
+        self.num_samples = sum(per_worker)
+        skips = [k * batch_size for k in worker_skips(self.batches_per_worker, resume_position)]
+        frames = manifest["clip_len"] if kind == "video" else 1
+        super().__init__(
+            partial(_slot_shards, plan, rank, world_size, workers),
+            partial(_read_shards, folder=folder),
+            partial(_shuffle, bufsize=shuffle_buffer, seed=seed, epoch=epoch, rank=rank),
+            partial(_skip, per_worker=skips),
+            partial(_to_latent, stats=self.stats, use_mean=use_mean, seed=seed, epoch=epoch,
+                    latent_shape=latent_shape, frames=frames),  # fmt: skip
+            wds.batched(batch_size, collation_fn=collate, partial=not drop_last),
+        )
+
+    def __len__(self) -> int:
+        """Batches this rank yields in a full epoch."""
+        return sum(self.batches_per_worker)
+
+
+class LatentLoader:
+    """Iterates one epoch per `for` loop and remembers its position: {"epoch", "batches"} consumed.
+
+    `state_dict()` goes into a checkpoint; `load_state_dict()` (or `resume_position`) resumes at
+    exactly the next batch. A finished loop advances to the next epoch."""
+
+    def __init__(self, folder_or_urls, *, epoch: int = 0, resume_position: int | None = None,
+                 num_workers: int = 0, **dataset_kwargs):  # fmt: skip
+        self.source, self.num_workers, self.kwargs = folder_or_urls, num_workers, dataset_kwargs
+        self.epoch, self.position = epoch, resume_position or 0
+        first = self.dataset()  # checks the manifest now, not in the first training step
+        self.stats, self.manifest = first.stats, first.manifest
+
+    def dataset(self) -> LatentShardDataset:
+        return LatentShardDataset(self.source, epoch=self.epoch, resume_position=self.position,
+                                  num_workers=self.num_workers, **self.kwargs)  # fmt: skip
+
+    def __len__(self) -> int:
+        return len(self.dataset())
+
+    def __iter__(self):
+        ds = self.dataset()
+        loader = DataLoader(ds, batch_size=None, num_workers=self.num_workers)
+        for batch in loader:
+            self.position += 1
+            yield batch
+        self.epoch, self.position = self.epoch + 1, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batches": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["batches"])
+
+
+def make_latent_loader(folder_or_urls, **kwargs) -> LatentLoader:
+    """The stage-2 reader: see `LatentShardDataset` for the arguments (plus num_workers, epoch,
+    resume_position). Example: `for batch in make_latent_loader("shards/", kind="video",
+    batch_size=8, seed=0, rank=r, world_size=n): batch["latent"]  # [B, C, T, h, w] whitened`."""
+    return LatentLoader(folder_or_urls, **kwargs)

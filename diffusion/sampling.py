@@ -1,0 +1,252 @@
+"""Samplers (DDPM, DDIM, DPM-Solver++(2M)) and classifier-free guidance for any `model(x, t, **cond)`."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from diffusion.schedules import to_x0_eps
+
+# Conventions (k-diffusion style): a sampler takes a model callable returning its raw output
+# (eps, v or x0 as `prediction` says), the float64 table abar_t for t = 0..N-1, and a descending
+# list of discrete timesteps. Each step goes from t to the next listed timestep s; after the last
+# one comes s = -1, which stands for the clean data (abar = 1, alpha = 1, sigma = 0).
+# Schedule coefficients are Python floats computed in double precision.
+
+Model = Callable[..., torch.Tensor]
+Callback = Callable[[dict], None]
+
+
+def timesteps_for(num_steps: int, num_timesteps: int, spacing: str = "trailing") -> torch.Tensor:
+    """`num_steps` descending training timesteps out of `num_timesteps` (Lin et al. 2023, Table 2).
+
+    "trailing" starts at t = N-1 (needed to reach SNR 0 with a zero-terminal-SNR schedule),
+    "leading" is DDIM's arange(0, N, N // S) and "linspace" rounds linspace(0, N-1, S)."""
+    if not 1 <= num_steps <= num_timesteps:
+        raise ValueError(f"num_steps must be in [1, {num_timesteps}], got {num_steps}")
+    if spacing == "trailing":
+        steps = torch.arange(num_steps, dtype=torch.float64)
+        ts = (num_timesteps - steps * num_timesteps / num_steps).round() - 1
+    elif spacing == "leading":
+        ts = (torch.arange(num_steps, dtype=torch.float64) * (num_timesteps // num_steps)).flip(0)
+    elif spacing == "linspace":
+        ts = torch.linspace(0, num_timesteps - 1, num_steps, dtype=torch.float64).round().flip(0)
+    else:
+        raise ValueError(f"unknown timestep spacing {spacing!r} (expected 'trailing', 'leading' or 'linspace')")
+    return ts.long()
+
+
+def _alpha_sigma(alphas_cumprod: torch.Tensor, t: int) -> tuple[float, float]:
+    """(alpha_t, sigma_t) as floats; t = -1 is the clean data (1, 0)."""
+    abar = 1.0 if t < 0 else float(alphas_cumprod[t])
+    return math.sqrt(abar), math.sqrt(max(1.0 - abar, 0.0))
+
+
+def _pairs(timesteps) -> list[tuple[int, int]]:
+    """Consecutive (t, s) pairs of a descending timestep list, ending with (t_last, -1)."""
+    ts = [int(t) for t in timesteps]
+    return list(zip(ts, ts[1:] + [-1]))
+
+
+def _noise(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
+def denoise(
+    model: Model,
+    x: torch.Tensor,
+    t_index: int,
+    alphas_cumprod: torch.Tensor,
+    prediction: str,
+    cond: dict | None = None,
+    clip_x0: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the model at discrete timestep `t_index` and return (x0_hat, eps_hat).
+
+    The model gets t as a float [B] tensor. With `clip_x0`, x0_hat is clamped to [-clip_x0, clip_x0]
+    and eps_hat recomputed from it so the two stay consistent with x."""
+    alpha, sigma = _alpha_sigma(alphas_cumprod, t_index)
+    if prediction == "eps" and alpha == 0.0:
+        raise ValueError(
+            f"eps-prediction cannot denoise at t={t_index}: SNR is 0 there (zero-terminal-SNR schedule). "
+            "Use a v- or x0-prediction model, or 'leading' timestep spacing."
+        )
+    t = torch.full((x.shape[0],), float(t_index), device=x.device)
+    out = model(x, t, **(cond or {}))
+    x0, eps = to_x0_eps(prediction, out, x, alpha, sigma)
+    if clip_x0 is not None:
+        x0 = x0.clamp(-clip_x0, clip_x0)
+        eps = (x - alpha * x0) / sigma  # sigma > 0 at every training timestep
+    return x0, eps
+
+
+def sample_ddpm(
+    model: Model,
+    x_T: torch.Tensor,
+    timesteps: Sequence[int] | torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    prediction: str,
+    *,
+    cond: dict | None = None,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+    clip_x0: float | None = None,
+) -> torch.Tensor:
+    """Ancestral sampling (Ho et al. 2020, Alg. 2) from the posterior q(x_s | x_t, x0_hat) between
+    consecutive chosen timesteps t > s (strided, as in Nichol & Dhariwal 2021):
+        mean = sqrt(abar_s) b / (1 - abar_t) x0 + sqrt(abar_t / abar_s) (1 - abar_s) / (1 - abar_t) x_t
+        var  = b (1 - abar_s) / (1 - abar_t),   b = 1 - abar_t / abar_s."""
+    x = x_T
+    for i, (t, s) in enumerate(_pairs(timesteps)):
+        x0, _ = denoise(model, x, t, alphas_cumprod, prediction, cond, clip_x0)
+        ab_t = float(alphas_cumprod[t])
+        ab_s = 1.0 if s < 0 else float(alphas_cumprod[s])
+        beta = 1.0 - ab_t / ab_s
+        coef_x0 = math.sqrt(ab_s) * beta / (1.0 - ab_t)
+        coef_xt = math.sqrt(ab_t / ab_s) * (1.0 - ab_s) / (1.0 - ab_t)
+        x = coef_x0 * x0 + coef_xt * x
+        if s >= 0:  # no noise on the step to the data (variance 0)
+            x = x + math.sqrt(beta * (1.0 - ab_s) / (1.0 - ab_t)) * _noise(x, generator)
+        if callback is not None:
+            callback({"i": i, "t": t, "x": x, "x0": x0})
+    return x
+
+
+def sample_ddim(
+    model: Model,
+    x_T: torch.Tensor,
+    timesteps: Sequence[int] | torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    prediction: str,
+    *,
+    eta: float = 0.0,
+    cond: dict | None = None,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+    clip_x0: float | None = None,
+) -> torch.Tensor:
+    """DDIM (Song et al. 2021, eq. 12): x_s = alpha_s x0 + sqrt(sigma_s^2 - c^2) eps + c z with
+    c = eta sqrt((1 - abar_s) / (1 - abar_t)) sqrt(1 - abar_t / abar_s). eta = 0 is deterministic;
+    eta = 1 has the DDPM posterior variance (and then equals `sample_ddpm` draw for draw)."""
+    x = x_T
+    for i, (t, s) in enumerate(_pairs(timesteps)):
+        x0, eps = denoise(model, x, t, alphas_cumprod, prediction, cond, clip_x0)
+        ab_t = float(alphas_cumprod[t])
+        ab_s = 1.0 if s < 0 else float(alphas_cumprod[s])
+        c = eta * math.sqrt((1.0 - ab_s) / (1.0 - ab_t) * (1.0 - ab_t / ab_s))
+        x = math.sqrt(ab_s) * x0 + math.sqrt(max(1.0 - ab_s - c * c, 0.0)) * eps
+        if s >= 0 and c > 0:
+            x = x + c * _noise(x, generator)
+        if callback is not None:
+            callback({"i": i, "t": t, "x": x, "x0": x0})
+    return x
+
+
+def _log(v: float) -> float:
+    return math.log(v) if v > 0 else -math.inf
+
+
+def sample_dpmpp_2m(
+    model: Model,
+    x_T: torch.Tensor,
+    timesteps: Sequence[int] | torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    prediction: str,
+    *,
+    cond: dict | None = None,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+    clip_x0: float | None = None,
+) -> torch.Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2), data-prediction form with lambda = log(alpha / sigma):
+        x_s = (sigma_s / sigma_t) x_t - alpha_s expm1(-h) D,   h = lambda_s - lambda_t,
+        D = (1 + 1/(2r)) x0_t - 1/(2r) x0_prev,   r = h_prev / h.
+    Steps with an infinite h or h_prev fall back to first order (D = x0_t): the first step, the
+    step after SNR 0 (lambda = -inf) and the last step to the data (sigma = 0, lambda = +inf),
+    where the update reduces to x = x0_t. `generator` is unused (deterministic sampler)."""
+    x = x_T
+    x0_prev, h_prev = None, math.inf
+    for i, (t, s) in enumerate(_pairs(timesteps)):
+        x0, _ = denoise(model, x, t, alphas_cumprod, prediction, cond, clip_x0)
+        alpha_t, sigma_t = _alpha_sigma(alphas_cumprod, t)
+        alpha_s, sigma_s = _alpha_sigma(alphas_cumprod, s)
+        h = (_log(alpha_s) - _log(sigma_s)) - (_log(alpha_t) - _log(sigma_t))
+        d = x0
+        if x0_prev is not None and math.isfinite(h) and math.isfinite(h_prev):
+            r = h_prev / h
+            d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
+        x = (sigma_s / sigma_t) * x - alpha_s * math.expm1(-h) * d
+        x0_prev, h_prev = x0, h
+        if callback is not None:
+            callback({"i": i, "t": t, "x": x, "x0": x0})
+    return x
+
+
+SAMPLERS = {"ddpm": sample_ddpm, "ddim": sample_ddim, "dpmpp_2m": sample_dpmpp_2m}
+
+
+@torch.no_grad()
+def sample(
+    model: Model,
+    shape: Sequence[int],
+    *,
+    alphas_cumprod: torch.Tensor,
+    prediction: str,
+    sampler: str = "dpmpp_2m",
+    steps: int = 25,
+    eta: float = 0.0,
+    spacing: str = "trailing",
+    cond: dict | None = None,
+    generator: torch.Generator | None = None,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+    x_T: torch.Tensor | None = None,
+    callback: Callback | None = None,
+    clip_x0: float | None = None,
+) -> torch.Tensor:
+    """Draw x0 samples of `shape` from N(0, I) noise (or the given `x_T`) with the named sampler."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r} (expected one of {sorted(SAMPLERS)})")
+    timesteps = timesteps_for(steps, len(alphas_cumprod), spacing)
+    if x_T is None:
+        x_T = torch.randn(tuple(shape), generator=generator, device=device)
+    extra = {"eta": eta} if sampler == "ddim" else {}
+    with tqdm(total=len(timesteps), disable=not progress, desc=sampler) as bar:
+
+        def step_done(info: dict) -> None:
+            bar.update(1)
+            if callback is not None:
+                callback(info)
+
+        return SAMPLERS[sampler](
+            model, x_T, timesteps, alphas_cumprod, prediction,
+            cond=cond, generator=generator, callback=step_done, clip_x0=clip_x0, **extra,
+        )  # fmt: skip
+
+
+def classifier_free_guidance(model: Model, scale: float, null_label: int) -> Model:
+    """Classifier-free guidance (Ho & Salimans 2022) on the raw output: uncond + scale (cond - uncond).
+
+    The conditional and the unconditional (class_labels = null_label) halves run in one batched call;
+    other tensor kwargs with a batch dimension (cond_frames, cond_mask) are duplicated for both.
+    scale == 1 (or no class_labels) calls the conditional model alone, so it is exactly that model."""
+
+    def guided(x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None, **cond):
+        if class_labels is None:
+            return model(x, t, **cond)
+        if scale == 1:
+            return model(x, t, class_labels=class_labels, **cond)
+        batch = x.shape[0]
+
+        def twice(v):
+            return torch.cat([v, v]) if torch.is_tensor(v) and v.ndim > 0 and v.shape[0] == batch else v
+
+        labels = torch.cat([class_labels, torch.full_like(class_labels, null_label)])
+        both = model(twice(x), twice(t), class_labels=labels, **{k: twice(v) for k, v in cond.items()})
+        out_cond, out_uncond = both.chunk(2)
+        return out_uncond + scale * (out_cond - out_uncond)
+
+    return guided

@@ -1,0 +1,165 @@
+"""The factorized 3D U-Net of Ho et al. 2022 ("Video Diffusion Models") for video latents [B, C, T, h, w]."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from diffusion.config import UNetConfig
+from diffusion.layers import (
+    Downsample,
+    ResBlock,
+    SpatialAttention,
+    TemporalAttention,
+    Upsample,
+    group_norm,
+    repeat_over_frames,
+    timestep_embedding,
+    zero_module,
+)
+
+MODEL_TYPE = "UNet3D"  # recorded in the exported config.json
+
+
+class UNetBlock(nn.Module):
+    """One residual block, optionally followed by spatial attention then temporal attention."""
+
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, config: UNetConfig, attention: bool):
+        super().__init__()
+        c = config
+        self.res = ResBlock(
+            in_ch, out_ch, emb_dim, groups=c.norm_groups, dropout=c.dropout, temporal_conv=c.temporal_conv
+        )
+        self.spatial_attn = SpatialAttention(out_ch, c.head_dim, c.norm_groups) if attention else None
+        self.temporal_attn = None
+        if attention and c.temporal_attention:
+            self.temporal_attn = TemporalAttention(out_ch, c.head_dim, c.norm_groups, c.max_relative_position)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, num_frames: int) -> torch.Tensor:
+        x = self.res(x, emb, num_frames)
+        if self.spatial_attn is not None:
+            x = self.spatial_attn(x, num_frames)
+        if self.temporal_attn is not None:
+            x = self.temporal_attn(x, num_frames)  # identity, no compute, when num_frames == 1
+        return x
+
+
+class UNet3D(nn.Module):
+    """ADM-style U-Net whose spatial layers run per frame and whose temporal layers (3x1x1 conv in
+    each res block, relative-position temporal attention after each spatial attention) mix frames.
+
+    forward(x [B,C,T,h,w], t [B], class_labels [B] | None, cond_frames [B,C,T,h,w] | None,
+    cond_mask [B,T] or [B,1,T,1,1] | None) -> [B,C,T,h,w] (eps, v or x0: the process decides)."""
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = c = config
+        base, emb_dim = c.base_channels, 4 * c.base_channels
+        self.time_mlp = nn.Sequential(nn.Linear(base, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        # index num_classes is the null label used for classifier-free guidance
+        self.class_emb = nn.Embedding(c.num_classes + 1, emb_dim) if c.num_classes > 0 else None
+        in_ch = 2 * c.in_channels + 1 if c.frame_conditioning else c.in_channels
+        self.input_conv = nn.Conv2d(in_ch, base, 3, padding=1)
+
+        ch, skips = base, [base]
+        self.down = nn.ModuleList()
+        for level, mult in enumerate(c.channel_mult):
+            for _ in range(c.num_res_blocks):
+                self.down.append(UNetBlock(ch, mult * base, emb_dim, c, level in c.attention_levels))
+                ch = mult * base
+                skips.append(ch)
+            if level < len(c.channel_mult) - 1:
+                self.down.append(Downsample(ch))
+                skips.append(ch)
+
+        self.middle = nn.ModuleList(
+            [UNetBlock(ch, ch, emb_dim, c, attention=True), UNetBlock(ch, ch, emb_dim, c, attention=False)]
+        )
+
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(c.channel_mult))):
+            for i in range(c.num_res_blocks + 1):
+                self.up.append(UNetBlock(ch + skips.pop(), mult * base, emb_dim, c, level in c.attention_levels))
+                ch = mult * base
+                if level > 0 and i == c.num_res_blocks:
+                    self.up.append(Upsample(ch))
+
+        self.out_norm = group_norm(ch, c.norm_groups)
+        self.out_conv = zero_module(nn.Conv2d(ch, c.in_channels, 3, padding=1))
+
+    # ------------------------------------------------------------------ helpers
+    def temporal_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters of the temporal conv / temporal attention layers (no gradient from T = 1 batches)."""
+        return (p for name, p in self.named_parameters() if "temporal" in name)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.config.channel_mult) - 1)
+
+    def _run(self, block: nn.Module, x: torch.Tensor, emb: torch.Tensor, num_frames: int) -> torch.Tensor:
+        if not isinstance(block, UNetBlock):
+            return block(x)  # Downsample / Upsample
+        if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, x, emb, num_frames, use_reentrant=False)
+        return block(x, emb, num_frames)
+
+    def _embed(self, t: torch.Tensor, class_labels: torch.Tensor | None, batch: int, device) -> torch.Tensor:
+        t = torch.as_tensor(t, device=device)
+        t = t.expand(batch) if t.ndim == 0 else t
+        emb = self.time_mlp(timestep_embedding(t, self.config.base_channels))  # [B, 4*base]
+        if self.class_emb is not None:
+            if class_labels is None:
+                class_labels = torch.full((batch,), self.config.num_classes, dtype=torch.long, device=device)
+            emb = emb + self.class_emb(class_labels.long())
+        return emb
+
+    def _input(self, x, cond_frames, cond_mask) -> torch.Tensor:
+        """concat(x, cond_frames * mask, mask) over channels when frame conditioning is on."""
+        if not self.config.frame_conditioning:
+            return x
+        b, _, t, h, w = x.shape
+        mask = torch.zeros(b, 1, t, 1, 1, dtype=x.dtype, device=x.device)
+        if cond_mask is not None:
+            mask = cond_mask.to(x.dtype).reshape(b, 1, t, 1, 1)
+        cond = torch.zeros_like(x) if cond_frames is None else cond_frames.to(x.dtype) * mask
+        return torch.cat([x, cond, mask.expand(b, 1, t, h, w)], dim=1)  # [B, 2C+1, T, h, w]
+
+    def _check(self, x: torch.Tensor) -> None:
+        if x.ndim != 5 or x.shape[1] != self.config.in_channels:
+            raise ValueError(f"expected x [B, {self.config.in_channels}, T, h, w], got {tuple(x.shape)}")
+        f = self.downsample_factor
+        if x.shape[-2] % f or x.shape[-1] % f:
+            raise ValueError(
+                f"latent size {tuple(x.shape[-2:])} must be divisible by {f} "
+                f"(2 ** (len(channel_mult) - 1) with channel_mult={self.config.channel_mult})"
+            )
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x, t, class_labels=None, cond_frames=None, cond_mask=None) -> torch.Tensor:
+        self._check(x)
+        batch, num_frames = x.shape[0], x.shape[2]
+        emb = repeat_over_frames(self._embed(t, class_labels, batch, x.device), num_frames)  # [(B T), D]
+        h = rearrange(self._input(x, cond_frames, cond_mask), "b c t h w -> (b t) c h w")
+        h = self.input_conv(h)  # [(B T), base, h, w]
+
+        skips = [h]
+        for block in self.down:
+            h = self._run(block, h, emb, num_frames)
+            skips.append(h)
+        for block in self.middle:
+            h = self._run(block, h, emb, num_frames)
+        for block in self.up:
+            if isinstance(block, UNetBlock):
+                h = torch.cat([h, skips.pop()], dim=1)
+            h = self._run(block, h, emb, num_frames)
+
+        h = self.out_conv(F.silu(self.out_norm(h)))  # [(B T), C, h, w]
+        return rearrange(h, "(b t) c h w -> b c t h w", t=num_frames)

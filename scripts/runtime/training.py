@@ -1,0 +1,192 @@
+"""Training-loop pieces shared by both training scripts: accelerate set-up, per-step seeding,
+EMA, LR warm-up, the non-finite guard, and the metrics log."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import math
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+class TrainingStopped(RuntimeError):
+    """Training cannot continue (for example too many non-finite steps in a row)."""
+
+
+# ----------------------------------------------------------------------------- accelerate
+
+
+def make_accelerator(train_cfg, output_dir: Path):
+    """An Accelerator configured from `train.*`; works under plain python and `accelerate launch`."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    kwargs = {}
+    if train_cfg.tensorboard:
+        kwargs["log_with"] = "tensorboard"
+    return Accelerator(
+        mixed_precision=train_cfg.mixed_precision,
+        gradient_accumulation_steps=train_cfg.grad_accum,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+        **kwargs,
+    )
+
+
+def step_seed(seed: int, step: int, rank: int, stream: str = "") -> int:
+    """A 63-bit seed that is a pure function of (seed, step, rank, stream).
+
+    Seeding every step this way makes a resumed run draw exactly the random numbers the
+    uninterrupted run drew at the same step, whatever happened before."""
+    digest = hashlib.sha256(f"{seed}:{step}:{rank}:{stream}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def seed_step(seed: int, step: int, rank: int, device) -> torch.Generator:
+    """Seed the global torch RNG (dropout etc.) for this step and return a generator for the
+    step's explicit draws (noise, timesteps, masks)."""
+    torch.manual_seed(step_seed(seed, step, rank, "global"))
+    g = torch.Generator(device=device)
+    g.manual_seed(step_seed(seed, step, rank, "draws"))
+    return g
+
+
+# ----------------------------------------------------------------------------- EMA
+
+
+class EMA:
+    """Exponential moving average of a model's parameters and buffers, kept in float32.
+
+    decay_t = min(decay, (1 + t) / (10 + t)) warms the average up so early weights do not
+    dominate it for ~1/(1-decay) steps (as in many diffusion codebases)."""
+
+    def __init__(self, model: nn.Module, decay: float = 0.999):
+        self.decay = decay
+        self.shadow = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
+        self.num_updates = 0
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.num_updates += 1
+        t = self.num_updates
+        d = min(self.decay, (1 + t) / (10 + t))
+        for k, v in model.state_dict().items():
+            s = self.shadow[k]
+            if v.dtype.is_floating_point:
+                s.mul_(d).add_(v.detach().float(), alpha=1 - d)
+            else:
+                s.copy_(v)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self.shadow)
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], num_updates: int) -> None:
+        missing = set(self.shadow) ^ set(state)
+        if missing:
+            raise ValueError(f"EMA state does not match the model: {sorted(missing)[:5]}")
+        self.shadow = {k: v.float().clone() for k, v in state.items()}
+        self.num_updates = num_updates
+
+    def copy_to(self, model: nn.Module) -> nn.Module:
+        sd = model.state_dict()
+        model.load_state_dict({k: self.shadow[k].to(sd[k].dtype) for k in sd})
+        return model
+
+    def averaged_model(self, model: nn.Module) -> nn.Module:
+        return self.copy_to(copy.deepcopy(model)).eval()
+
+
+# ----------------------------------------------------------------------------- schedule, guard
+
+
+def warmup_lambda(warmup_steps: int):
+    """LR multiplier: linear warm-up over `warmup_steps`, then constant."""
+
+    def f(step: int) -> float:
+        return 1.0 if warmup_steps <= 0 else min(1.0, (step + 1) / warmup_steps)
+
+    return f
+
+
+class NonFiniteGuard:
+    """Counts optimizer steps skipped for a non-finite loss or gradient norm; stops after
+    `max_in_row` in a row. The gradient norm is computed after the all-reduce, so every
+    process takes the same decision."""
+
+    def __init__(self, max_in_row: int):
+        self.max_in_row = max_in_row
+        self.in_row = 0
+        self.total = 0
+
+    def check(self, value: float, step: int) -> bool:
+        if math.isfinite(value):
+            self.in_row = 0
+            return True
+        self.in_row += 1
+        self.total += 1
+        log.warning("step %d: non-finite loss/gradient (%s), update skipped (%d in a row)", step, value, self.in_row)
+        if self.in_row >= self.max_in_row:
+            raise TrainingStopped(
+                f"stopping: {self.in_row} non-finite losses/gradients in a row (last at step {step}). "
+                "The last complete checkpoint is intact; lower train.lr, raise train.grad_clip "
+                "strictness, or try train.mixed_precision=no, then rerun to resume."
+            )
+        return False
+
+    def state_dict(self) -> dict:
+        return {"in_row": self.in_row, "total": self.total}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.in_row, self.total = int(d["in_row"]), int(d["total"])
+
+
+def injected_nonfinite(step: int) -> bool:
+    """Fault injection for the reliability tests: LVD_FAULT_NAN_STEPS="3,4" poisons those steps."""
+    spec = os.environ.get("LVD_FAULT_NAN_STEPS", "")
+    return str(step) in {s.strip() for s in spec.split(",") if s.strip()}
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+class MetricsLog:
+    """One JSON object per logged step in DIR/metrics.jsonl (main process only). On resume the
+    lines after the checkpoint's step are dropped, so every step appears exactly once."""
+
+    def __init__(self, path: Path, enabled: bool = True):
+        self.path = Path(path)
+        self.enabled = enabled
+
+    def truncate_after(self, step: int) -> None:
+        if not self.enabled or not self.path.exists():
+            return
+        keep = []
+        for line in self.path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue  # a line cut by a crash
+            if rec.get("step", 0) <= step:
+                keep.append(line)
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(k + "\n" for k in keep))
+        tmp.replace(self.path)
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

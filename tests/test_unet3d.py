@@ -1,0 +1,229 @@
+"""UNet3D: shapes, conditioning, temporal layers skipped for images, relative temporal attention, checkpointing."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffusion.config import UNetConfig
+from diffusion.layers import TemporalAttention
+from diffusion.unet3d import MODEL_TYPE, UNet3D
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(**overrides) -> UNetConfig:
+    kw = dict(
+        in_channels=4,
+        base_channels=16,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attention_levels=(1,),
+        head_dim=8,
+        norm_groups=8,
+        max_relative_position=4,
+        num_classes=0,
+        frame_conditioning=False,
+    )
+    kw.update(overrides)
+    return UNetConfig(**kw)
+
+
+def randomize(model: torch.nn.Module, skip: str | None = None, seed: int = 0) -> torch.nn.Module:
+    """Perturb every parameter (whose name does not contain `skip`), so zero-initialised layers act."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if skip is None or skip not in name:
+                p.add_(0.2 * torch.randn(p.shape, generator=gen))
+    return model
+
+
+def build(seed: int = 0, **overrides) -> UNet3D:
+    torch.manual_seed(seed)
+    return UNet3D(tiny_config(**overrides))
+
+
+def inputs(batch=2, frames=8, size=8, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 4, frames, size, size, generator=gen), torch.tensor([10, 700])[:batch]
+
+
+@pytest.mark.parametrize("frames", [1, 5, 8])
+@pytest.mark.parametrize("num_classes", [0, 3])
+@pytest.mark.parametrize("frame_conditioning", [False, True])
+def test_output_shape(frames, num_classes, frame_conditioning):
+    model = build(num_classes=num_classes, frame_conditioning=frame_conditioning).eval()
+    x, t = inputs(frames=frames)
+    kwargs = {}
+    if num_classes:
+        kwargs["class_labels"] = torch.tensor([0, 2])
+    if frame_conditioning:
+        kwargs["cond_frames"] = torch.randn_like(x)
+        kwargs["cond_mask"] = (torch.arange(frames) < frames // 2).float().expand(2, frames)
+    with torch.no_grad():
+        out = model(x, t, **kwargs)
+        out_none = model(x, t)  # conditioning is optional: null label / no known frames
+    assert out.shape == x.shape == out_none.shape
+    assert torch.isfinite(out).all()
+
+
+def test_conditioning_inputs_are_used():
+    model = randomize(build(num_classes=3, frame_conditioning=True)).eval()
+    x, t = inputs(frames=4)
+    cond = torch.randn_like(x)
+    mask = torch.tensor([[1.0, 1.0, 0.0, 0.0]] * 2)
+    with torch.no_grad():
+        base = model(x, t, torch.tensor([0, 1]), cond, mask)
+        assert not torch.allclose(base, model(x, t, torch.tensor([2, 1]), cond, mask))
+        # None is the null label num_classes
+        assert torch.equal(model(x, t), model(x, t, torch.tensor([3, 3])))
+        # both mask layouts mean the same; frames marked unknown are ignored
+        cond2 = cond.clone()
+        cond2[:, :, 2:] = 100.0
+        assert torch.equal(base, model(x, t, torch.tensor([0, 1]), cond2, mask[:, None, :, None, None]))
+        assert not torch.allclose(base, model(x, t, torch.tensor([0, 1]), cond, torch.ones(2, 4)))
+        # no conditioning == all-zero mask
+        assert torch.allclose(model(x, t), model(x, t, None, cond, torch.zeros(2, 4)))
+        # float and int timesteps both work and t matters
+        assert torch.allclose(base, model(x, t.float(), torch.tensor([0, 1]), cond, mask))
+        assert not torch.allclose(base, model(x, t + 200, torch.tensor([0, 1]), cond, mask))
+
+
+def test_rejects_latent_size_not_divisible_by_downsampling():
+    model = build(channel_mult=(1, 2, 2))
+    with pytest.raises(ValueError, match="divisible by 4"):
+        model(torch.randn(1, 4, 2, 6, 6), torch.tensor([1]))
+    with pytest.raises(ValueError, match=r"expected x \[B, 4"):
+        model(torch.randn(1, 3, 2, 8, 8), torch.tensor([1]))
+
+
+def test_temporal_parameters_are_named_and_counted():
+    model = build()
+    names = [n for n, _ in model.named_parameters() if "temporal" in n]
+    assert any("temporal_conv" in n for n in names) and any("temporal_attn" in n for n in names)
+    assert sum(p.numel() for p in model.temporal_parameters()) == sum(
+        p.numel() for n, p in model.named_parameters() if "temporal" in n
+    )
+    assert model.num_parameters() == sum(p.numel() for p in model.parameters())
+    assert MODEL_TYPE == type(model).__name__
+
+
+def _grads(model, frames):
+    model.zero_grad(set_to_none=True)
+    x, t = inputs(frames=frames)
+    cond, _ = inputs(frames=frames, seed=2)
+    model(x, t, cond_frames=cond, cond_mask=torch.ones(2, frames)).square().mean().backward()
+    return {n: p.grad for n, p in model.named_parameters()}
+
+
+def test_images_give_no_gradient_to_temporal_parameters():
+    model = randomize(build(frame_conditioning=True)).train()
+    grads = _grads(model, frames=1)
+    for name, g in grads.items():
+        if "temporal" in name:
+            assert g is None or not g.any(), name
+        else:
+            assert g is not None and g.abs().sum() > 0, name
+    # the same check on a clip does reach every temporal parameter
+    grads = _grads(model, frames=4)
+    assert all(g is not None and g.abs().sum() > 0 for n, g in grads.items() if "temporal" in n)
+
+
+def _without_temporal(model: UNet3D, **changes) -> UNet3D:
+    """A copy of `model` built with temporal layers disabled, sharing every other weight."""
+    cfg = tiny_config(**{**model.config.to_dict(), **changes})
+    other = UNet3D(cfg)
+    result = other.load_state_dict(model.state_dict(), strict=False)
+    assert not result.missing_keys
+    assert result.unexpected_keys and all("temporal" in k for k in result.unexpected_keys)
+    return other.eval()
+
+
+def test_images_equal_model_without_temporal_layers():
+    model = randomize(build(num_classes=3)).eval()  # temporal layers non-zero: they would act if run
+    spatial_only = _without_temporal(model, temporal_conv=False, temporal_attention=False)
+    with torch.no_grad():
+        x, t = inputs(frames=1)
+        assert torch.equal(model(x, t, torch.tensor([1, 2])), spatial_only(x, t, torch.tensor([1, 2])))
+        x, t = inputs(frames=4)  # sanity: on clips the temporal layers do change the output
+        assert not torch.allclose(model(x, t), spatial_only(x, t), atol=1e-4)
+
+
+def test_zero_initialised_temporal_conv_changes_nothing_at_init():
+    model = randomize(build(), skip="temporal_conv").eval()  # temporal convs keep their zero init
+    without = _without_temporal(model, temporal_conv=False)
+    x, t = inputs(frames=6)
+    with torch.no_grad():
+        assert torch.equal(model(x, t), without(x, t))
+        randomize(model, seed=3)
+        assert not torch.allclose(model(x, t), without(x, t), atol=1e-4)
+
+
+def test_temporal_attention_is_shift_equivariant():
+    torch.manual_seed(0)
+    radius = 3
+    attn = randomize(TemporalAttention(16, head_dim=8, groups=8, max_relative_position=radius)).eval()
+    with torch.no_grad():
+        # clamped end buckets (|j - i| >= radius) get -inf-like bias: attention is local, |j - i| < radius
+        attn.relative_bias[:, 0] = -1e4
+        attn.relative_bias[:, -1] = -1e4
+    length, shift = 12, 2
+    seq = torch.randn(1, 16, length + shift, 2, 2)  # [B, C, T, H, W]
+
+    def run(clip):  # [1, C, T, H, W] -> [T, C, H, W] (folded layout, B = 1)
+        return attn(clip[0].transpose(0, 1).contiguous(), clip.shape[2])
+
+    with torch.no_grad():
+        a = run(seq[:, :, :length])  # global frames 0 .. length-1
+        b = run(seq[:, :, shift : shift + length])  # global frames shift .. shift+length-1
+    # global frame g is a[g] and b[g - shift]; its window g-2 .. g+2 lies inside both clips for:
+    interior = range(shift + radius - 1, length - radius + 1)
+    assert len(interior) >= 4
+    for g in interior:
+        torch.testing.assert_close(a[g], b[g - shift], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(a[shift], b[0], atol=1e-3)  # near the edge the windows differ
+
+
+def test_runs_at_other_clip_lengths():
+    model = randomize(build()).eval()
+    with torch.no_grad():
+        x, t = inputs(frames=8)
+        out8 = model(x, t)
+        x16 = torch.cat([x, x], dim=2)  # 16 frames > 2 * max_relative_position + 1 buckets
+        out16 = model(x16, t)
+    assert out16.shape == x16.shape and torch.isfinite(out16).all()
+    assert not torch.allclose(out16[:, :, :8], out8, atol=1e-4)  # frames 8..15 are seen by frames 0..7
+
+
+def test_gradient_checkpointing_gives_same_gradients(monkeypatch):
+    import diffusion.unet3d as unet3d
+
+    calls = []
+    real = unet3d.checkpoint
+    monkeypatch.setattr(unet3d, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = randomize(build(frame_conditioning=True, dropout=0.0)).train()
+    ckpt = UNet3D(tiny_config(**{**model.config.to_dict(), "gradient_checkpointing": True})).train()
+    ckpt.load_state_dict(model.state_dict())
+    ref = _grads(model, frames=4)
+    assert not calls
+    got = _grads(ckpt, frames=4)
+    assert calls  # the checkpointed path really ran
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("path", ["diffusion/unet3d.py", "diffusion/layers.py"])
+def test_network_imports_no_process_sampler_or_other_stage(path):
+    banned = ("diffusion.process", "diffusion.sampling", "diffusion.guidance", "autoencoder", "data", "scripts")
+    for node in ast.walk(ast.parse((ROOT / path).read_text())):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            names = [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+        for name in names:
+            assert not name.startswith(banned), f"{path} imports {name}"
