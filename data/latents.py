@@ -12,7 +12,8 @@ DataLoader workers ("slots", slot = rank + world_size * worker):
 Resume mid-epoch (`resume_position` = batches already consumed this epoch): each worker skips its
 share of those batches after its shuffle buffer and before decoding, so skipped samples cost a tar
 read but no decode. DataLoader hands out worker batches round-robin (exhausted workers dropped),
-which is what `worker_skips` reproduces.
+which is what `worker_skips` reproduces; the resumed DataLoader's workers are rotated so that its
+worker 0 plays the worker whose turn was next.
 Start-up checks sizes of all listed shards against manifest.json (cheap); sha256 of every shard is
 only checked with verify=True or scripts.verify_shards (reading all data each epoch is too slow).
 """
@@ -72,22 +73,20 @@ def slot_sample_counts(order: list[dict], world_size: int, num_workers: int) -> 
     return [(total - s + slots - 1) // slots for s in range(slots)]
 
 
-def worker_skips(batches_per_worker: list[int], consumed: int) -> list[int]:
-    """How many batches each worker had delivered after `consumed` batches of a DataLoader epoch.
+def worker_skips(batches_per_worker: list[int], consumed: int) -> tuple[list[int], int]:
+    """(batches each worker had delivered, whose turn is next) after `consumed` batches of an epoch.
 
-    DataLoader takes batches from its workers in turn, dropping workers that are exhausted."""
-    skips = [0] * len(batches_per_worker)
-    left = consumed
+    DataLoader takes batches from its workers in turn, dropping workers that are exhausted, and a
+    new DataLoader starts with worker 0: so a resumed loader rotates workers by the returned offset."""
+    skips, left, nxt = [0] * len(batches_per_worker), consumed, 0
     while left > 0:
         progressed = False
         for w, n in enumerate(batches_per_worker):
             if left > 0 and skips[w] < n:
-                skips[w] += 1
-                left -= 1
-                progressed = True
+                skips[w], left, nxt, progressed = skips[w] + 1, left - 1, (w + 1) % len(skips), True
         if not progressed:
             raise ValueError(f"resume position {consumed} is past the end of the epoch ({sum(batches_per_worker)})")
-    return skips
+    return skips, nxt
 
 
 def _noise_seed(seed: int, epoch: int, key: str) -> int:
@@ -98,14 +97,15 @@ def _noise_seed(seed: int, epoch: int, key: str) -> int:
 # ----------------------------------------------------------------------------- pipeline stages
 
 
-def _worker() -> tuple[int, int]:
+def _worker(offset: int = 0) -> tuple[int, int]:
+    """(logical worker id, number of workers): DataLoader's worker id rotated by `offset` (resume)."""
     info = get_worker_info()
-    return (0, 1) if info is None else (info.id, info.num_workers)
+    return (0, 1) if info is None else ((info.id + offset) % info.num_workers, info.num_workers)
 
 
-def _slot_shards(plan, rank: int, world_size: int, num_workers: int):
+def _slot_shards(plan, rank: int, world_size: int, num_workers: int, offset: int):
     """Source: this slot's shards, plus the sample filter (slot, slots) for sample-level splitting."""
-    worker, k = _worker()
+    worker, k = _worker(offset)
     if k != num_workers:
         raise RuntimeError(f"loader planned for {num_workers} workers but runs in {k}: build it with the same num_workers")
     slots, slot = world_size * num_workers, rank + world_size * worker
@@ -138,16 +138,16 @@ def _read_shards(src, folder: Path):
             )
 
 
-def _shuffle(src, bufsize: int, seed: int, epoch: int, rank: int):
+def _shuffle(src, bufsize: int, seed: int, epoch: int, rank: int, offset: int):
     if bufsize <= 1:
         return src
-    worker, _ = _worker()
+    worker, _ = _worker(offset)
     rng = random.Random(f"{seed}:{epoch}:{rank}:{worker}")
     return wds.shuffle(bufsize, bufsize, rng=rng)(src)
 
 
-def _skip(src, per_worker: list[int]):
-    n = per_worker[_worker()[0]]
+def _skip(src, per_worker: list[int], offset: int):
+    n = per_worker[_worker(offset)[0]]
     for i, sample in enumerate(src):
         if i >= n:
             yield sample
@@ -253,13 +253,13 @@ class LatentShardDataset(wds.DataPipeline):
         div = (lambda n: n // batch_size) if drop_last else (lambda n: -(-n // batch_size))
         self.batches_per_worker = [div(n) for n in per_worker]
         self.num_samples = sum(per_worker)
-        skips = [k * batch_size for k in worker_skips(self.batches_per_worker, resume_position)]
+        skips, offset = worker_skips(self.batches_per_worker, resume_position)
         frames = manifest["clip_len"] if kind == "video" else 1
         super().__init__(
-            partial(_slot_shards, plan, rank, world_size, workers),
+            partial(_slot_shards, plan, rank, world_size, workers, offset),
             partial(_read_shards, folder=folder),
-            partial(_shuffle, bufsize=shuffle_buffer, seed=seed, epoch=epoch, rank=rank),
-            partial(_skip, per_worker=skips),
+            partial(_shuffle, bufsize=shuffle_buffer, seed=seed, epoch=epoch, rank=rank, offset=offset),
+            partial(_skip, per_worker=[k * batch_size for k in skips], offset=offset),
             partial(_to_latent, stats=self.stats, use_mean=use_mean, seed=seed, epoch=epoch,
                     latent_shape=latent_shape, frames=frames),  # fmt: skip
             wds.batched(batch_size, collation_fn=collate, partial=not drop_last),

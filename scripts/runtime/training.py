@@ -190,3 +190,26 @@ class MetricsLog:
 
 def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+# ----------------------------------------------------------------------------- data order
+
+
+class EpochBatchSampler(torch.utils.data.Sampler):
+    """Batches of dataset indices for one epoch on one process: a permutation that is a pure
+    function of (seed, epoch), cut into per-process slices (rank::world_size, remainder
+    dropped so every process takes the same number of steps), minus the first `skip` batches
+    already consumed before a resume. No decoding happens for skipped batches."""
+
+    def __init__(self, n: int, batch_size: int, *, seed: int, epoch: int, rank: int = 0, world_size: int = 1, skip: int = 0):
+        g = torch.Generator().manual_seed(step_seed(seed, epoch, 0, "epoch-order"))
+        perm = torch.randperm(n, generator=g).tolist()
+        per_rank = (n // world_size) // batch_size * batch_size
+        mine = perm[rank::world_size][:per_rank]
+        self.batches = [mine[i : i + batch_size] for i in range(0, per_rank, batch_size)][skip:]
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
