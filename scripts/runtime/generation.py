@@ -1,0 +1,153 @@
+"""Turning a diffusion model into latents and latents into files, shared by periodic sampling in
+training, `scripts.sample` and `scripts.decode_latents`.
+
+Latent files: one `.safetensors` per sample with tensor `latent` [C,T,h,w] (whitened, as the
+model produces it) and metadata `lvd` = JSON {stats {mean,std}, autoencoder_sha256, fps, label,
+label_name, frames, ...}; decoding un-whitens with the recorded stats.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from diffusion.guidance import extend_video, reconstruction_guided, replace_known
+from diffusion.sampling import classifier_free_guidance, sample
+from diffusion.schedules import make_alphas_cumprod
+
+FORMATS = ("mp4", "gif", "png")
+
+
+def alphas_for(diff_cfg) -> torch.Tensor:
+    return make_alphas_cumprod(diff_cfg.schedule, diff_cfg.num_timesteps, beta_start=diff_cfg.beta_start,
+                               beta_end=diff_cfg.beta_end, zero_terminal_snr=diff_cfg.zero_terminal_snr)
+
+
+@torch.no_grad()
+def generate(model, unet_cfg, diff_cfg, *, num: int, frames: int, latent_shape, labels=None,
+             guidance_scale: float = 1.0, sampler: str = "dpmpp_2m", steps: int = 25, seed: int = 0,
+             batch_size: int = 8, window: int | None = None, overlap: int | None = None, known=None,
+             method: str = "condition", guidance_weight: float = 2.0, device="cpu", progress=False) -> torch.Tensor:
+    """Whitened latents [num, C, frames, h, w].
+
+    Clips longer than `window` (the training clip length), or with `known` frames
+    [num, C, K, h, w] given, are generated autoregressively in windows that overlap by `overlap`
+    frames; the known/overlap frames reach the model through its frame-conditioning inputs
+    (`method="condition"`) or through reconstruction guidance (`method="reconstruction"`)."""
+    c, h, w = latent_shape
+    window = window or frames
+    overlap = min(overlap if overlap is not None else window // 2, window - 1)
+    ab = alphas_for(diff_cfg)
+    outs = []
+    for start in range(0, num, batch_size):
+        n = min(batch_size, num - start)
+        g = torch.Generator(device="cpu").manual_seed(seed + start)
+        lab = None if labels is None else torch.as_tensor(labels[start : start + n], dtype=torch.long, device=device)
+        kn = (known[start : start + n] if known is not None else torch.zeros(n, c, 0, h, w)).to(device)
+
+        def sample_fn(context, mask, lab=lab, g=g, n=n):
+            cond = {} if lab is None else {"class_labels": lab}
+            net = model
+            if unet_cfg.num_classes and lab is not None and guidance_scale != 1.0:
+                net = classifier_free_guidance(model, guidance_scale, null_label=unet_cfg.num_classes)
+            if method == "reconstruction" and mask.any():
+                net = reconstruction_guided(net, context, mask, ab, diff_cfg.prediction, guidance_weight)
+            elif method not in ("condition", "reconstruction"):
+                raise ValueError(f"unknown method {method!r} (expected 'condition' or 'reconstruction')")
+            if unet_cfg.frame_conditioning:
+                given = mask if method == "condition" else torch.zeros_like(mask)
+                cond.update(cond_frames=context * given, cond_mask=given)
+            x = sample(net, (n, c, context.shape[2], h, w), alphas_cumprod=ab, prediction=diff_cfg.prediction,
+                       sampler=sampler, steps=steps, cond=cond, generator=g, device=device, progress=progress)
+            return replace_known(x, context, mask)
+
+        outs.append(extend_video(sample_fn, kn, frames, window, overlap).cpu())
+    return torch.cat(outs)
+
+
+def save_latent_file(path: Path, latent: torch.Tensor, meta: dict) -> Path:
+    """Atomically write one sample's whitened latent [C,T,h,w] with JSON metadata."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({"latent": latent.detach().cpu().float().contiguous()}, str(tmp), metadata={"lvd": json.dumps(meta)})
+    tmp.replace(path)
+    return path
+
+
+def load_latent_file(path: Path) -> tuple[torch.Tensor, dict]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("lvd", "{}"))
+            latent = f.get_tensor("latent")
+    except Exception as e:  # safetensors raises its own types for damaged files
+        raise ValueError(f"{path}: not a latent file written by scripts.sample ({e})") from None
+    if latent.ndim != 4:
+        raise ValueError(f"{path}: latent must be [C,T,h,w], got {tuple(latent.shape)}")
+    return latent, meta
+
+
+def un_whiten(latent: torch.Tensor, stats: dict | None) -> torch.Tensor:
+    """x * std + mean per channel (dim 0 of [C,T,h,w], dim 1 of [N,C,T,h,w])."""
+    if not stats:
+        return latent
+    shape = [-1, 1, 1, 1] if latent.ndim == 4 else [1, -1, 1, 1, 1]
+    mean = torch.tensor(stats["mean"], dtype=latent.dtype).view(shape)
+    std = torch.tensor(stats["std"], dtype=latent.dtype).view(shape)
+    return latent * std + mean
+
+
+@torch.no_grad()
+def decode_to_uint8(vae, latents: torch.Tensor, chunk_size: int = 8, device="cpu") -> np.ndarray:
+    """Un-whitened latents [N,C,T,h,w] -> uint8 frames [N,T,H,W,3], decoded frame-chunk by chunk."""
+    from autoencoder.video import decode_video
+    from data.transforms import to_uint8
+
+    video = decode_video(vae, latents.to(device), chunk_size=chunk_size).clamp(-1, 1).cpu()
+    return to_uint8(video)
+
+
+def write_outputs(frames: np.ndarray, stem: Path, fps: float, formats=("mp4",), upscale: int = 1) -> list[Path]:
+    """Write one clip uint8 [T,H,W,3] as stem.mp4 / stem.gif / stem-frames/*.png + stem-strip.png."""
+    from data.video_io import make_grid, write_png, write_png_frames, write_video
+
+    if upscale > 1:
+        frames = frames.repeat(upscale, axis=1).repeat(upscale, axis=2)
+    written = []
+    for fmt in formats:
+        if fmt not in FORMATS:
+            raise ValueError(f"unknown output format {fmt!r} (expected one of {FORMATS})")
+        if fmt in ("mp4", "gif"):
+            written.append(write_video(stem.with_suffix(f".{fmt}"), frames, fps))
+        else:
+            write_png_frames(stem.parent / f"{stem.name}-frames", frames)
+            written.append(write_png(stem.parent / f"{stem.name}-strip.png", make_grid(frames, nrow=len(frames))))
+    return written
+
+
+def sample_and_save(model, unet_cfg, diff_cfg, *, latent_shape, frames: int, class_names: list[str],
+                    stats: dict | None, fps: float, out_dir: Path, tag: str, num: int, steps: int, sampler: str,
+                    guidance_scale: float, autoencoder: str | None, seed: int) -> list[Path]:
+    """Periodic samples during training: latent files, and mp4 + PNG strip when a VAE is given."""
+    device = next(model.parameters()).device
+    labels = [i % len(class_names) for i in range(num)] if unet_cfg.num_classes else None
+    lat = generate(model, unet_cfg, diff_cfg, num=num, frames=frames, latent_shape=latent_shape, labels=labels,
+                   guidance_scale=guidance_scale, sampler=sampler, steps=steps, seed=seed, device=device)
+    paths = []
+    for i in range(num):
+        meta = {"stats": stats, "fps": fps, "label": labels[i] if labels else None,
+                "label_name": class_names[labels[i]] if labels else None}
+        paths.append(save_latent_file(Path(out_dir) / f"{tag}-{i:03d}.safetensors", lat[i], meta))
+    if autoencoder:
+        from autoencoder.model import FrameVAE
+
+        vae = FrameVAE.from_pretrained(autoencoder).to(device)
+        frames_u8 = decode_to_uint8(vae, un_whiten(lat, stats), device=device)
+        for i in range(num):
+            paths += write_outputs(frames_u8[i], Path(out_dir) / f"{tag}-{i:03d}", fps=fps, formats=("mp4", "png"))
+    return paths

@@ -1,0 +1,331 @@
+"""Stage 2: train the factorized 3D U-Net as a diffusion model jointly on video clips and images.
+
+    python -m scripts.train_diffusion --config configs/diffusion/tiny.yaml --shards shards/ --output-dir runs/diffusion
+
+Each optimizer step sees B whitened video-clip latents [B,C,T,h,w] and round(image_ratio*B)
+image latents [B_img,C,1,h,w] (from image shards, else single random frames of video latents)
+through the same network; images skip the temporal layers. Resumes from DIR/checkpoints/,
+logs DIR/metrics.jsonl, samples every `sample.every` steps, exports EMA weights to DIR/export/.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from data.errors import BadInputError
+from data.latents import make_latent_loader
+from data.shards import ShardError, load_manifest
+from diffusion.config import DiffusionConfig, UNetConfig
+from diffusion.process import GaussianDiffusion
+from diffusion.unet3d import UNet3D
+from scripts.runtime.checkpoint import CheckpointError, CheckpointManager
+from scripts.runtime.cli import build_parser, resolve_config
+from scripts.runtime.config import ConfigError, TrainConfig, save_config
+from scripts.runtime.export import save_diffusion_export
+from scripts.runtime.training import (
+    EMA,
+    MetricsLog,
+    NonFiniteGuard,
+    TrainingStopped,
+    injected_nonfinite,
+    make_accelerator,
+    seed_step,
+    warmup_lambda,
+)
+
+log = logging.getLogger("train_diffusion")
+
+
+@dataclass
+class DiffDataConfig:
+    shards: str = ""  # --shards sets it
+    image_ratio: float = 0.5  # images per video clip in a batch; 0 = video only
+    class_conditional: bool = True  # take num_classes from the shards' manifest
+    use_posterior_mean: bool = False  # False: sample z ~ q(z|x) each time (a little augmentation)
+    shuffle_buffer: int = 256
+
+
+@dataclass
+class CondConfig:
+    class_dropout: float = 0.1  # labels replaced by the null label, for classifier-free guidance
+    frame_cond_prob: float = 0.3  # clips that get some frames given (prediction / extension)
+    frame_cond_prefix_prob: float = 0.7  # of those: a prefix (else a random subset) is given
+
+
+@dataclass
+class SampleEveryConfig:
+    every: int = 0  # 0: no periodic sampling
+    num: int = 4
+    steps: int = 20
+    sampler: str = "dpmpp_2m"
+    guidance_scale: float = 1.0
+    autoencoder: str = ""  # an exported VAE to decode samples to mp4/PNG (optional)
+
+
+@dataclass
+class DiffusionRunConfig:
+    model: UNetConfig = field(default_factory=UNetConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    data: DiffDataConfig = field(default_factory=DiffDataConfig)
+    cond: CondConfig = field(default_factory=CondConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleEveryConfig = field(default_factory=SampleEveryConfig)
+
+
+def parse_args(argv):
+    p = build_parser(__doc__.split("\n")[0], prog="python -m scripts.train_diffusion", training=True)
+    p.add_argument("--shards", default=None, help="folder written by encode_latents (sets data.shards)")
+    args = p.parse_args(argv)
+    if args.shards is not None:
+        args.overrides.insert(0, f"data.shards={args.shards}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        train(args)
+    except (ConfigError, BadInputError, ShardError, CheckpointError, TrainingStopped, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def resolve_model_config(cfg: DiffusionRunConfig, manifest: dict) -> DiffusionRunConfig:
+    """Fill in what the shards decide: latent channels and the number of classes."""
+    if not cfg.data.shards:
+        raise ConfigError("no shards given: pass --shards DIR (a folder written by encode_latents)")
+    channels = manifest["latent_shape"][0]
+    classes = len(manifest.get("labels") or []) if cfg.data.class_conditional else 0
+    return replace(cfg, model=replace(cfg.model, in_channels=channels, num_classes=classes))
+
+
+def make_loaders(cfg, acc, state: dict | None):
+    tc, dc = cfg.train, cfg.data
+    kinds = {e["kind"] for e in load_manifest(dc.shards)["shards"]}
+    common = dict(seed=tc.seed, use_mean=dc.use_posterior_mean, rank=acc.process_index, world_size=acc.num_processes,
+                  shuffle_buffer=dc.shuffle_buffer, num_workers=tc.num_workers, drop_last=True)
+    video = make_latent_loader(dc.shards, kind="video", batch_size=tc.batch_size, **common)
+    images, n_img = None, int(round(dc.image_ratio * tc.batch_size))
+    if n_img > 0:
+        kind = "image" if "image" in kinds else "video"
+        images = make_latent_loader(dc.shards, kind=kind, batch_size=n_img, **{**common, "seed": tc.seed + 1})
+    if state is not None:
+        video.load_state_dict(state["video"])
+        if images is not None and "images" in state:
+            images.load_state_dict(state["images"])
+    for loader, what in ((video, "video"), (images, "image")):
+        if loader is not None and len(loader) == 0:
+            raise ShardError(f"{dc.shards}: not one full {what} batch per process; lower train.batch_size")
+    return video, images
+
+
+def forever(loader):
+    while True:
+        yield from loader
+
+
+def frame_conditioning(x0, cfg: CondConfig, g):
+    """Random frames given to the model for some clips: returns cond_mask [B,1,T,1,1] (1 = given)
+    and the loss mask [B,T] (no loss on given frames)."""
+    b, _, t = x0.shape[:3]
+    mask = torch.zeros(b, t)
+    if t > 1 and cfg.frame_cond_prob > 0:
+        use = torch.rand(b, generator=g) < cfg.frame_cond_prob
+        prefix = torch.rand(b, generator=g) < cfg.frame_cond_prefix_prob
+        k = torch.randint(1, t, (b,), generator=g)  # 1..T-1 frames given, at least one generated
+        for i in torch.nonzero(use).flatten().tolist():
+            if prefix[i]:
+                mask[i, : k[i]] = 1
+            else:
+                mask[i, torch.randperm(t, generator=g)[: k[i]]] = 1
+    mask = mask.to(x0.device)
+    return mask[:, None, :, None, None].to(x0.dtype), 1 - mask
+
+
+def labels_with_dropout(labels, num_classes, p, g):
+    if num_classes == 0:
+        return None
+    labels = labels.clone()
+    labels[labels < 0] = num_classes
+    drop = torch.rand(labels.shape, generator=g) < p
+    labels[drop.to(labels.device)] = num_classes
+    return labels
+
+
+def train(args) -> None:  # noqa: C901 - the loop is kept in one place on purpose
+    out = Path(args.output_dir)
+    cfg = resolve_config(DiffusionRunConfig, args, write=False)
+    manifest = load_manifest(cfg.data.shards) if cfg.data.shards else {}
+    cfg = resolve_model_config(cfg, manifest)
+    tc = cfg.train
+    acc = make_accelerator(tc, out)
+    if acc.is_main_process:
+        save_config(cfg, out / "config.yaml")
+    device = acc.device
+
+    model = UNet3D(cfg.model)
+    diffusion = GaussianDiffusion(cfg.diffusion)
+    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_lambda(tc.warmup_steps))
+    model, opt = acc.prepare(model, opt)
+    raw = acc.unwrap_model(model)
+    ema = EMA(raw, tc.ema_decay)
+    guard = NonFiniteGuard(tc.max_nonfinite)
+    metrics = MetricsLog(out / "metrics.jsonl", enabled=acc.is_main_process)
+    ckpt = CheckpointManager(out / "checkpoints", tc.keep_checkpoints, is_main=acc.is_main_process,
+                             rank=acc.process_index, barrier=acc.wait_for_everyone)
+
+    step, data_state = 0, None
+    latest = ckpt.latest()
+    if latest is not None:
+        tensors, objects, meta = ckpt.load(latest)
+        check_same_model(meta, cfg, latest)
+        raw.load_state_dict(tensors["model"])
+        ema.load_state_dict(tensors["ema"], meta["ema_updates"])
+        opt.load_state_dict(objects["optimizer"])
+        sched.load_state_dict(objects["scheduler"])
+        if acc.scaler is not None and "scaler" in objects:
+            acc.scaler.load_state_dict(objects["scaler"])
+        guard.load_state_dict(meta["guard"])
+        step, data_state = meta["step"], meta["data"]
+        metrics.truncate_after(step)
+        acc.print(f"resumed from {latest} at step {step}")
+    video_loader, image_loader = make_loaders(cfg, acc, data_state)
+    videos = forever(video_loader)
+    images = forever(image_loader) if image_loader is not None else None
+    if tc.tensorboard:
+        acc.init_trackers("train_diffusion")
+
+    def save_checkpoint():
+        objects = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}
+        if acc.scaler is not None:
+            objects["scaler"] = acc.scaler.state_dict()
+        data = {"video": video_loader.state_dict()}
+        if image_loader is not None:
+            data["images"] = image_loader.state_dict()
+        ckpt.save(step, tensors={"model": raw.state_dict(), "ema": ema.state_dict()}, objects=objects,
+                  meta={"data": data, "guard": guard.state_dict(), "ema_updates": ema.num_updates,
+                        "model_config": cfg.model.to_dict(), "diffusion_config": cfg.diffusion.to_dict()})
+
+    bar = tqdm(total=tc.max_steps, initial=step, disable=not acc.is_main_process, desc="diffusion")
+    t_last, samples_since, logs = time.time(), 0, {}
+    while step < tc.max_steps:
+        vb = next(videos)
+        ib = next(images) if images is not None else None
+        logs = train_step(acc, model, diffusion, opt, sched, guard, cfg, vb, ib, step)
+        if logs is None:
+            continue
+        ema.update(raw)
+        step += 1
+        samples_since += logs.pop("samples") * acc.num_processes
+        bar.update(1)
+        if step % tc.log_every == 0 or step == tc.max_steps:
+            now = time.time()
+            rec = {"step": step, "lr": sched.get_last_lr()[0], **logs, "nonfinite_total": guard.total,
+                   "epoch": video_loader.epoch, "samples_per_s": samples_since / max(now - t_last, 1e-9)}
+            metrics.write(rec)
+            if tc.tensorboard:
+                acc.log({k: v for k, v in rec.items() if isinstance(v, (int, float))}, step=step)
+            bar.set_postfix(loss=f"{logs['loss']:.4f}")
+            t_last, samples_since = now, 0
+        if cfg.sample.every and step % cfg.sample.every == 0 and acc.is_main_process:
+            periodic_samples(cfg, ema, raw, manifest, out / "samples", step, device)
+        if step % tc.checkpoint_every == 0 or step == tc.max_steps:
+            save_checkpoint()
+    bar.close()
+    if acc.is_main_process:
+        save_diffusion_export(out / "export", ema.averaged_model(raw).cpu(), cfg.model, cfg.diffusion, manifest,
+                              Path(cfg.data.shards))
+        acc.print(f"exported EMA weights to {out / 'export'}")
+    acc.wait_for_everyone()
+    acc.end_training()
+
+
+def train_step(acc, model, diffusion, opt, sched, guard, cfg, vb, ib, step):
+    """One micro-batch of B clips + B_img images. The image pass runs first under no_sync, so its
+    gradient is summed locally and all-reduced once with the video pass (DDP-safe even though
+    images leave the temporal parameters unused). Returns logs on an optimizer step."""
+    tc, cc, device = cfg.train, cfg.cond, acc.device
+    g = seed_step(tc.seed, step, acc.process_index, "cpu")
+    x_vid = vb["latent"].to(device)  # [B,C,T,h,w]
+    n_img = 0 if ib is None else ib["latent"].shape[0]
+    total = x_vid.shape[0] + n_img
+    logs = {"samples": total}
+    with acc.accumulate(model):
+        if ib is not None:
+            x_img = ib["latent"]
+            if x_img.shape[2] > 1:  # single random frames of video latents
+                idx = torch.randint(0, x_img.shape[2], (n_img,), generator=g)
+                x_img = x_img[torch.arange(n_img), :, idx][:, :, None]  # [B_img,C,1,h,w]
+            x_img = x_img.to(device)
+            labels = labels_with_dropout(ib["label"], cfg.model.num_classes, cc.class_dropout, g)
+            with acc.no_sync(model), acc.autocast():
+                out = diffusion.training_losses(model, x_img, model_kwargs=_kw(labels, device), generator=g)
+                loss_img = out["loss"].sum() / total
+            acc.backward(_poison(loss_img, step))
+            logs["loss_image"] = out["loss"].mean().item()
+        cond_mask, loss_mask = frame_conditioning(x_vid, cc, g)
+        labels = labels_with_dropout(vb["label"], cfg.model.num_classes, cc.class_dropout, g)
+        kwargs = _kw(labels, device)
+        if cfg.model.frame_conditioning:
+            kwargs.update(cond_frames=x_vid * cond_mask, cond_mask=cond_mask)
+        with acc.autocast():
+            out = diffusion.training_losses(model, x_vid, model_kwargs=kwargs, frame_mask=loss_mask, generator=g)
+            loss_vid = out["loss"].sum() / total
+        acc.backward(_poison(loss_vid, step))
+        logs["loss_video"] = out["loss"].mean().item()
+        if not acc.sync_gradients:
+            return None
+        norm = float(acc.clip_grad_norm_(model.parameters(), tc.grad_clip))
+        ok = guard.check(norm, step)
+        if ok:
+            opt.step()
+            sched.step()
+        opt.zero_grad(set_to_none=True)
+    loss = loss_vid.item() + (loss_img.item() if ib is not None else 0.0)
+    return {"loss": loss, "grad_norm": norm, "skipped": int(not ok), **logs}
+
+
+def _kw(labels, device):
+    return {} if labels is None else {"class_labels": labels.to(device)}
+
+
+def _poison(loss, step):
+    return loss * float("nan") if injected_nonfinite(step) else loss
+
+
+def check_same_model(meta, cfg, path):
+    for key, current in (("model_config", cfg.model.to_dict()), ("diffusion_config", cfg.diffusion.to_dict())):
+        saved = meta.get(key)
+        if saved is not None and saved != current:
+            diff = sorted(k for k in saved if saved.get(k) != current.get(k))
+            raise CheckpointError(f"{path} was written for a different {key.split('_')[0]} "
+                                  f"({', '.join(diff)} differ); use another --output-dir or the same config")
+
+
+def periodic_samples(cfg, ema, raw, manifest, out_dir, step, device):
+    import json
+
+    from scripts.runtime.generation import sample_and_save
+
+    model = ema.averaged_model(raw).to(device)
+    stats = json.loads((Path(cfg.data.shards) / "stats.json").read_text())
+    sample_and_save(model, cfg.model, cfg.diffusion, latent_shape=manifest["latent_shape"],
+                    frames=manifest["clip_len"], class_names=list(manifest.get("labels") or []), stats=stats,
+                    fps=(manifest.get("encoding") or {}).get("fps_out") or 8.0, out_dir=out_dir,
+                    tag=f"step{step:07d}", num=cfg.sample.num, steps=cfg.sample.steps, sampler=cfg.sample.sampler,
+                    guidance_scale=cfg.sample.guidance_scale, autoencoder=cfg.sample.autoencoder or None,
+                    seed=cfg.train.seed)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
