@@ -37,8 +37,10 @@ def moving_red_disc(t=T, h=H, w=W) -> np.ndarray:
 
 
 def brightness_ramp(t: int = 10) -> np.ndarray:
-    """Frame i is flat grey 20 + 20 i, so decoded frames identify their index."""
-    return np.stack([np.full((H, W, 3), 20 + 20 * i, np.uint8) for i in range(t)])
+    """Frame i is grey 20 + 20 i plus texture (so frames are big, not just header), which
+    identifies the index of each decoded frame by its mean."""
+    noise = np.random.default_rng(0).integers(-10, 11, (t, H, W, 3))
+    return (20 + 20 * np.arange(t)[:, None, None, None] + noise).clip(0, 255).astype(np.uint8)
 
 
 def cv2_write(path, frames_rgb: np.ndarray, fourcc: str, fps: float = 8.0) -> None:
@@ -180,7 +182,8 @@ def test_truncated_mp4(mp4_file, tmp_path):
 def test_truncated_avi_decodes_fewer_frames(tmp_path):
     """A cut MJPG avi still decodes its first frames: asking for the full clip must fail."""
     path = tmp_path / "cut.avi"
-    cv2_write(path, brightness_ramp(10), "MJPG")
+    noise = np.random.default_rng(0).integers(0, 256, (10, 96, 96, 3), dtype=np.uint8)  # big frames
+    cv2_write(path, noise, "MJPG")
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     n = count_frames(path)

@@ -1,0 +1,301 @@
+"""Encode videos (clips) and images into WebDataset shards of VAE latents, resumably (DESIGN.md).
+
+Inputs are sorted and cut into fixed "work units" before anything is decoded, so shard N always
+holds the same inputs: `video-N.tar` holds the clips of `encode.videos_per_shard` videos and
+`image-N.tar` up to `encode.samples_per_shard` images. A rerun skips units whose shard and sidecar
+(`*.meta.json`: sample keys, failures, partial stats) are complete, and rebuilds manifest.json,
+stats.json and failures.jsonl from the sidecars. Decoding runs in a DataLoader (one item = one
+file); an input whose decoder raises becomes a failure record, and one that kills its worker
+process (segfault) is retried alone in a fresh worker and recorded as a failure if it crashes
+again. With --num-workers 0 decoding runs in this process and a hard crash ends the run (a rerun
+resumes, but would crash on the same file): use workers for untrusted data. Under `accelerate
+launch` each process encodes units rank::world_size; the main process then merges the sidecars.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+from autoencoder.model import FrameVAE, weights_hash
+from autoencoder.video import encode_video
+from data.discovery import discover
+from data.errors import BadInputError
+from data.shards import ShardError, ShardWriter, sample_key, sample_members, sidecar_name
+from data.stats import RunningStats
+from data.transforms import to_tensor
+from scripts.encode_inputs import InputSpec, decode_results, synthetic_specs
+from scripts.runtime.cli import build_parser, resolve_config, run_main
+from scripts.runtime.config import ConfigError, config_to_dict
+
+
+@dataclass
+class EncodeConfig:
+    """How inputs become latent samples and shards."""
+
+    clip_len: int = 16
+    stride: int = 1  # keep every stride-th frame (used when target_fps is 0)
+    target_fps: float = 0.0  # > 0: per file, stride = round(file fps / target_fps)
+    clips_per_video: str = "all"  # "all" (or 0): consecutive non-overlapping clips; N: N clips spread evenly
+    size: int = 64  # short side resized to this, then a centre crop size x size
+    chunk_size: int = 16  # frames per VAE call inside encode_video (memory is flat in T)
+    batch_size: int = 8  # clips per encode_video call
+    samples_per_shard: int = 256  # images per image shard; sets videos per shard when that is 0
+    videos_per_shard: int = 0  # 0: samples_per_shard // clips_per_video (// 8 for "all")
+    num_workers: int = 2  # decoding processes (--num-workers overrides)
+    images: bool = True  # encode the images found in DATA as image shards (T = 1)
+
+    def __post_init__(self):
+        if self.clips_per_video != "all" and not (self.clips_per_video.isdigit()):
+            raise ConfigError(f"encode.clips_per_video must be 'all' or a number >= 0, got {self.clips_per_video!r}")
+        for name in ("clip_len", "stride", "size", "chunk_size", "batch_size", "samples_per_shard"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"encode.{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def max_clips(self) -> int | None:
+        """None: all clips of a video; N: N clips spread evenly (clip_starts mode 'uniform')."""
+        n = 0 if self.clips_per_video == "all" else int(self.clips_per_video)
+        return n or None
+
+    def inputs_per_video_shard(self) -> int:
+        if self.videos_per_shard > 0:
+            return self.videos_per_shard
+        # "all": assume ~8 clips per video; set encode.videos_per_shard when that is far off
+        return max(1, self.samples_per_shard // (self.max_clips or 8))
+
+
+@dataclass
+class SyntheticConfig:
+    """The built-in dataset used when DATA is the word `synthetic`."""
+
+    num_videos: int = 64
+    num_frames: int = 16
+    size: int = 64
+    fps: float = 8.0
+    seed: int = 0
+
+
+@dataclass
+class EncodeRunConfig:
+    encode: EncodeConfig = field(default_factory=EncodeConfig)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+# ----------------------------------------------------------------------------- work units
+
+
+@dataclass
+class Unit:
+    kind: str
+    index: int
+    specs: list[InputSpec]
+
+
+def plan_units(specs: list[InputSpec], cfg: EncodeConfig) -> list[Unit]:
+    """Fixed groups of sorted inputs, one per shard index (separate numbering per kind)."""
+    units = []
+    for kind, per in (("video", cfg.inputs_per_video_shard()), ("image", cfg.samples_per_shard)):
+        chosen = sorted((s for s in specs if s.kind == kind), key=lambda s: s.relpath)
+        units += [Unit(kind, i // per, chosen[i : i + per]) for i in range(0, len(chosen), per)]
+    return units
+
+
+def unit_fingerprint(unit: Unit, settings: dict) -> str:
+    text = json.dumps({"settings": settings, "inputs": [s.relpath for s in unit.specs]}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def gather_specs(data: str, run: EncodeRunConfig) -> tuple[list[InputSpec], list[str]]:
+    if data == "synthetic":
+        return synthetic_specs(run.synthetic)
+    items, class_names = discover(data)
+    specs = [InputSpec(it.kind, it.relpath, str(it.path), it.label, it.label_name) for it in items]
+    if not run.encode.images:
+        specs = [s for s in specs if s.kind == "video"]
+    return specs, class_names
+
+
+# ----------------------------------------------------------------------------- encoding
+
+
+class UnitEncoder:
+    """Collects one unit's decoded clips, encodes them in fixed batches and writes its shard."""
+
+    def __init__(self, vae: FrameVAE, cfg: EncodeConfig, device: torch.device):
+        self.vae, self.cfg, self.device = vae, cfg, device
+        self.channels = vae.config.latent_channels
+
+    def start(self, unit: Unit) -> None:
+        self.unit, self.pending, self.samples, self.failures = unit, [], [], []
+        self.stats, self.frames, self.counts = RunningStats(self.channels), 0, {"video": 0, "image": 0}
+        self.latent_shape = None
+
+    def add(self, spec: InputSpec, result: dict) -> None:
+        if not result["ok"]:
+            self.failures.append(result["failure"])
+            return
+        self.counts[spec.kind] += 1
+        for start, clip in result["clips"]:
+            self.pending.append((spec, result, start, clip))
+            if len(self.pending) >= self.cfg.batch_size:
+                self._encode_pending()
+
+    @torch.no_grad()
+    def _encode_pending(self) -> None:
+        if not self.pending:
+            return
+        video = torch.stack([to_tensor(clip.numpy()) for *_, clip in self.pending]).to(self.device)
+        mean, logvar = encode_video(self.vae, video, chunk_size=self.cfg.chunk_size)  # [B, C, T, h, w]
+        mean, logvar = mean.float().cpu().half().numpy(), logvar.float().cpu().half().numpy()
+        for (spec, result, start, _), m, lv in zip(self.pending, mean, logvar):
+            if not (torch.isfinite(torch.from_numpy(m)).all() and torch.isfinite(torch.from_numpy(lv)).all()):
+                raise RuntimeError(f"{spec.relpath}: the autoencoder produced non-finite latents")
+            self.stats.update(m)  # statistics of the stored float16 posterior means
+            self.frames += m.shape[1]
+            self.latent_shape = list(m.shape)
+            self.samples.append(sample_members(sample_key(spec.relpath, start), m, lv, _meta(spec, result, start, m)))
+        self.pending = []
+
+    def finish(self, writer: ShardWriter, fingerprint: str) -> dict:
+        self._encode_pending()
+        record = dict(
+            fingerprint=fingerprint, inputs=[s.relpath for s in self.unit.specs], videos=self.counts["video"],
+            images=self.counts["image"], frames=self.frames, failures=self.failures,
+            stats=self.stats.to_dict(), latent_shape=self.latent_shape,
+        )  # fmt: skip
+        return writer.write_shard(self.unit.kind, self.unit.index, self.samples, record)
+
+
+def _meta(spec: InputSpec, result: dict, start: int, mean) -> dict:
+    stride, fps = result["stride"], result["fps"]
+    return {
+        "source": spec.relpath, "kind": spec.kind, "start": start, "stride": stride,
+        "fps": None if fps is None else fps / stride, "source_fps": fps, "clip_len": int(mean.shape[1]),
+        "orig_size": result["orig_size"], "label": spec.label, "label_name": spec.label_name,
+        "latent_shape": list(mean.shape),
+    }  # fmt: skip
+
+
+def encode_units(units, todo, vae, cfg, writer, fingerprints, device, num_workers, log) -> None:
+    """Decode every input of the `todo` units (in order) and write one shard per unit."""
+    enc = UnitEncoder(vae, cfg, device)
+    order = [(u, spec) for u in todo for spec in u.specs]
+    current, left = None, 0
+    for (unit, spec), result in zip(order, decode_results([s for _, s in order], cfg, num_workers)):
+        if unit is not current:
+            current, left = unit, len(unit.specs)
+            enc.start(unit)
+        enc.add(spec, result)
+        left -= 1
+        if left == 0:
+            side = enc.finish(writer, fingerprints[id(unit)])
+            log(f"{sidecar_name(unit.kind, unit.index)[:-10]}: {side['samples']} samples, "
+                f"{len(side['failures'])} failures")  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def parse_args(argv):
+    p = build_parser(__doc__.splitlines()[0], prog="python -m scripts.encode_latents")
+    p.add_argument("--autoencoder", type=Path, required=True, help="FrameVAE export folder (config.json + model.safetensors)")
+    p.add_argument("--data", required=True, help="folder of videos/images, or 'synthetic'")
+    p.add_argument("--num-workers", type=int, default=None, help="decoding processes (overrides encode.num_workers)")
+    args = p.parse_args(argv)
+    if args.num_workers is not None:
+        args.overrides.append(f"encode.num_workers={args.num_workers}")
+    return args
+
+
+def load_autoencoder(folder: Path, device) -> tuple[FrameVAE, dict]:
+    if not folder.is_dir():
+        raise ConfigError(f"--autoencoder {folder}: folder not found (expected a FrameVAE export: config.json + model.safetensors)")
+    try:
+        vae = FrameVAE.from_pretrained(folder, map_location=device)
+        info = {"config": vae.config.to_dict(), "weights_sha256": weights_hash(folder)}
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"--autoencoder {folder}: {e}") from None
+    return vae, info
+
+
+def encoding_settings(run: EncodeRunConfig, data: str) -> dict:
+    settings = config_to_dict(run.encode)
+    settings.pop("num_workers")  # does not change a single output byte
+    settings["videos_per_shard"] = run.encode.inputs_per_video_shard()
+    settings["data"] = data
+    if data == "synthetic":
+        settings["synthetic"] = config_to_dict(run.synthetic)
+    return settings
+
+
+def run(args) -> dict:
+    t0 = time.perf_counter()
+    run_cfg = resolve_config(EncodeRunConfig, args)
+    cfg, out = run_cfg.encode, Path(args.output_dir)
+    acc = Accelerator()
+    vae, ae_info = load_autoencoder(args.autoencoder, acc.device)
+    specs, class_names = gather_specs(args.data, run_cfg)
+    units = plan_units(specs, cfg)
+    settings = encoding_settings(run_cfg, args.data)
+    fingerprints = {id(u): unit_fingerprint(u, {**settings, "autoencoder": ae_info["weights_sha256"]}) for u in units}
+    writer = ShardWriter(out)
+    mine = units[acc.process_index :: acc.num_processes]
+    todo = [u for u in mine if writer.completed(u.kind, u.index, fingerprints[id(u)]) is None]
+    log = print if acc.is_main_process else (lambda *a: None)
+    log(f"{len(specs)} inputs in {len(units)} units; {len(mine) - len(todo)} already done here, {len(todo)} to encode")
+    encode_units(units, todo, vae, cfg, writer, fingerprints, acc.device, cfg.num_workers, lambda m: print(m, flush=True))
+    acc.wait_for_everyone()
+    summary = {}
+    if acc.is_main_process:
+        summary = finalize_outputs(out, units, writer, fingerprints, cfg, ae_info, settings, class_names)
+        summary["seconds"] = time.perf_counter() - t0
+        print_summary(summary, out)
+    acc.wait_for_everyone()
+    return summary
+
+
+def finalize_outputs(out, units, writer, fingerprints, cfg, ae_info, settings, class_names) -> dict:
+    from data.shards import finalize
+
+    sides = []
+    for u in units:
+        side = writer.completed(u.kind, u.index, fingerprints[id(u)], check_hash=False)
+        if side is None:
+            raise ShardError(f"{out / sidecar_name(u.kind, u.index)}: unit not finished (did a process fail?)")
+        sides.append(side)
+    if not any(s["samples"] for s in sides):
+        raise ShardError(f"{out}: nothing was encoded; see {out / 'failures.jsonl'}")
+    manifest = finalize(out, sides, clip_len=cfg.clip_len, autoencoder=ae_info, encoding=settings, labels=class_names)
+    return dict(manifest["totals"])
+
+
+def print_summary(s: dict, out: Path) -> None:
+    secs = max(s["seconds"], 1e-9)
+    print(
+        f"encoded {s['video_samples']} clips from {s['videos']} videos and {s['images']} images "
+        f"({s['samples']} samples, {s['frames']} frames); {s['failures']} failures; "
+        f"{secs:.1f} s, {s['video_samples'] / secs:.1f} clips/s, {s['frames'] / secs:.1f} frames/s -> {out}",
+        flush=True,
+    )
+    if s["failures"]:
+        print(f"skipped inputs and reasons: {out / 'failures.jsonl'}", flush=True)
+
+
+def main(argv=None) -> int:
+    try:
+        return run_main(lambda a: run(parse_args(a)), argv)
+    except (BadInputError, ShardError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""Samplers checked against Gaussian data, whose exact denoiser and probability-flow map are known."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from diffusion.sampling import (
+    classifier_free_guidance,
+    denoise,
+    sample,
+    sample_ddim,
+    sample_ddpm,
+    sample_dpmpp_2m,
+    timesteps_for,
+)
+from diffusion.schedules import alpha_sigma, make_alphas_cumprod, v_from_x0_eps
+
+MU, S = 0.5, 0.3  # data x0 ~ N(MU, S^2) independently per dimension
+COSINE = make_alphas_cumprod("cosine", 1000)
+ZERO_SNR = make_alphas_cumprod("linear", 1000, zero_terminal_snr=True)
+
+
+def gaussian_model(alphas_cumprod, prediction, calls=None):
+    """Exact denoiser of N(MU, S^2) data, E[x0 | x_t] = MU + alpha S^2 / (alpha^2 S^2 + sigma^2) (x_t - alpha MU),
+    returned in the eps / v / x0 parameterisation."""
+
+    def model(x, t, **cond):
+        if calls is not None:
+            calls.append(t.clone())
+        a, s = alpha_sigma(alphas_cumprod, t, x.ndim, dtype=x.dtype)
+        x0 = MU + a * S**2 / (a**2 * S**2 + s**2) * (x - a * MU)
+        eps = (x - a * x0) / s
+        return {"x0": x0, "eps": eps, "v": v_from_x0_eps(x0, eps, a, s)}[prediction]
+
+    return model
+
+
+def flow_error(sampler, steps, prediction="v", alphas_cumprod=COSINE, **kw):
+    """Max error of a deterministic sampler against the exact probability-flow map of Gaussian data,
+    x_T = sqrt(alpha_T^2 S^2 + sigma_T^2) z + alpha_T MU  ->  x0 = MU + S z, over z in [-3, 3]."""
+    z = torch.linspace(-3, 3, 13, dtype=torch.float64)[:, None]
+    ab_T = float(alphas_cumprod[-1])
+    x_T = math.sqrt(ab_T * S**2 + 1 - ab_T) * z + math.sqrt(ab_T) * MU
+    ts = timesteps_for(steps, len(alphas_cumprod))
+    x0 = sampler(gaussian_model(alphas_cumprod, prediction), x_T, ts, alphas_cumprod, prediction, **kw)
+    return (x0 - (MU + S * z)).abs().max().item()
+
+
+# ----------------------------------------------------------------------------- timesteps
+
+
+@pytest.mark.parametrize("spacing", ["trailing", "leading", "linspace"])
+@pytest.mark.parametrize("steps", [1, 7, 25, 1000])
+def test_timesteps_descending_unique_in_range(spacing, steps):
+    ts = timesteps_for(steps, 1000, spacing)
+    assert ts.dtype == torch.long and len(ts) == steps
+    assert (ts[:-1] > ts[1:]).all() and ts.min() >= 0 and ts.max() <= 999
+
+
+def test_timestep_spacings_match_lin_et_al_table_2():
+    assert timesteps_for(10, 1000, "trailing").tolist() == list(range(999, 0, -100))
+    assert timesteps_for(10, 1000, "leading").tolist() == list(range(900, -1, -100))
+    assert timesteps_for(10, 1000, "linspace").tolist() == [999, 888, 777, 666, 555, 444, 333, 222, 111, 0]
+    with pytest.raises(ValueError):
+        timesteps_for(10, 1000, "uniform")
+    with pytest.raises(ValueError):
+        timesteps_for(1001, 1000)
+
+
+# ----------------------------------------------------------------------------- denoise
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
+def test_denoise_recovers_x0_for_every_parameterisation(prediction):
+    x = torch.randn(64, 3, dtype=torch.float64)
+    x0, eps = denoise(gaussian_model(COSINE, prediction), x, 500, COSINE, prediction)
+    a, s = math.sqrt(COSINE[500]), math.sqrt(1 - COSINE[500])
+    torch.testing.assert_close(x0, MU + a * S**2 / (a**2 * S**2 + s**2) * (x - a * MU))
+    torch.testing.assert_close(a * x0 + s * eps, x)
+
+
+def test_denoise_passes_float_timesteps_and_clips_consistently():
+    calls = []
+    x = torch.full((4, 2), 50.0, dtype=torch.float64)
+    x0, eps = denoise(gaussian_model(COSINE, "v", calls), x, 10, COSINE, "v", clip_x0=1.0)
+    assert calls[0].dtype.is_floating_point and calls[0].tolist() == [10.0] * 4
+    assert x0.max() == 1.0
+    a, s = math.sqrt(COSINE[10]), math.sqrt(1 - COSINE[10])
+    torch.testing.assert_close(a * x0 + s * eps, x)
+
+
+def test_eps_prediction_at_zero_snr_is_a_clear_error():
+    x = torch.randn(8, 1)
+    with pytest.raises(ValueError, match="SNR is 0"):
+        denoise(gaussian_model(ZERO_SNR, "eps"), x, 999, ZERO_SNR, "eps")
+    # leading spacing never visits the SNR-0 step, so eps-prediction samples fine there
+    out = sample(gaussian_model(ZERO_SNR, "eps"), (8, 1), alphas_cumprod=ZERO_SNR, prediction="eps",
+                 spacing="leading", steps=10)  # fmt: skip
+    assert torch.isfinite(out).all()
+
+
+# ----------------------------------------------------------------------------- distributions
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
+def test_ddpm_250_steps_matches_data_moments(prediction):
+    g = torch.Generator().manual_seed(0)
+    x = sample(gaussian_model(COSINE, prediction), (20000, 1), alphas_cumprod=COSINE, prediction=prediction,
+               sampler="ddpm", steps=250, generator=g)  # fmt: skip
+    assert abs(x.mean().item() - MU) < 0.01  # standard error 0.002
+    assert abs(x.std().item() - S) < 0.015  # ancestral discretisation leaves ~-0.007 at 250 steps
+
+
+def test_ddim_eta_1_equals_ddpm_draw_for_draw():
+    ts = timesteps_for(40, 1000)
+    x_T = torch.randn(500, 1, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    model = gaussian_model(COSINE, "v")
+    a = sample_ddpm(model, x_T, ts, COSINE, "v", generator=torch.Generator().manual_seed(4))
+    b = sample_ddim(model, x_T, ts, COSINE, "v", eta=1.0, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(a, b)
+    c = sample_ddim(model, x_T, ts, COSINE, "v", eta=0.0, generator=torch.Generator().manual_seed(4))
+    assert (a - c).abs().max() > 0.05  # eta = 0 really is a different (deterministic) sampler
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
+def test_ddim_50_steps_follows_probability_flow(prediction):
+    err50 = flow_error(sample_ddim, 50, prediction)
+    assert err50 < 0.07
+    assert flow_error(sample_ddim, 100, prediction) < 0.6 * err50  # first order: about halves
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
+def test_dpmpp_2m_converges_at_second_order(prediction):
+    errs = [flow_error(sample_dpmpp_2m, n, prediction) for n in (10, 20, 40)]
+    assert errs[1] < 0.05
+    assert errs[1] < errs[0] / 3 and errs[2] < errs[1] / 3, errs  # second order: ~4x per doubling
+    assert errs[0] < 0.8 * flow_error(sample_ddim, 10, prediction)
+
+
+def test_dpmpp_2m_20_steps_matches_data_moments():
+    x = sample(gaussian_model(COSINE, "v"), (20000, 1), alphas_cumprod=COSINE, prediction="v", steps=20,
+               generator=torch.Generator().manual_seed(5))  # fmt: skip
+    assert abs(x.mean().item() - MU) < 0.01
+    assert abs(x.std().item() - S) < 0.015
+
+
+@pytest.mark.parametrize("prediction", ["v", "x0"])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp_2m"])
+def test_zero_terminal_snr_starts_at_snr_0_without_nan(sampler, prediction):
+    calls = []
+    model = gaussian_model(ZERO_SNR, prediction, calls)
+    x = sample(model, (20000, 1), alphas_cumprod=ZERO_SNR, prediction=prediction, sampler=sampler,
+               steps=100, generator=torch.Generator().manual_seed(6))  # fmt: skip
+    assert calls[0][0].item() == 999 and ZERO_SNR[999] == 0
+    assert torch.isfinite(x).all()
+    assert abs(x.mean().item() - MU) < 0.01
+    assert abs(x.std().item() - S) < 0.025  # the linear schedule ends on a bigger final step
+
+
+# ----------------------------------------------------------------------------- dispatcher
+
+
+def test_sample_dispatches_with_given_noise_callback_and_progress(capsys):
+    x_T = torch.randn(16, 2, generator=torch.Generator().manual_seed(7))
+    model = gaussian_model(COSINE, "v")
+    seen = []
+    out = sample(model, x_T.shape, alphas_cumprod=COSINE, prediction="v", sampler="ddim", steps=12,
+                 x_T=x_T, progress=True, callback=lambda info: seen.append(info["t"]))  # fmt: skip
+    torch.testing.assert_close(out, sample_ddim(model, x_T, timesteps_for(12, 1000), COSINE, "v"))
+    assert seen == timesteps_for(12, 1000).tolist()
+    again = sample(model, (16, 2), alphas_cumprod=COSINE, prediction="v", sampler="ddpm", steps=5,
+                   generator=torch.Generator().manual_seed(8))  # fmt: skip
+    same = sample(model, (16, 2), alphas_cumprod=COSINE, prediction="v", sampler="ddpm", steps=5,
+                  generator=torch.Generator().manual_seed(8))  # fmt: skip
+    assert torch.equal(again, same)
+    with pytest.raises(ValueError, match="unknown sampler"):
+        sample(model, (2, 2), alphas_cumprod=COSINE, prediction="v", sampler="euler")
+
+
+# ----------------------------------------------------------------------------- classifier-free guidance
+
+
+class CountingModel:
+    """A class-conditional toy model: output = x * (label + 1) + cond_frames + t / 1000; counts calls."""
+
+    def __init__(self):
+        self.batches = []
+
+    def __call__(self, x, t, class_labels=None, cond_frames=None):
+        self.batches.append(x.shape[0])
+        assert cond_frames is None or cond_frames.shape[0] == x.shape[0]
+        scale = 1.0 if class_labels is None else (class_labels.float() + 1).view(-1, 1)
+        return x * scale + (0.0 if cond_frames is None else cond_frames) + t.view(-1, 1) / 1000
+
+
+def test_cfg_scale_1_is_exactly_the_conditional_model():
+    x, t, y, cf = torch.randn(3, 4), torch.full((3,), 7.0), torch.tensor([0, 1, 2]), torch.randn(3, 4)
+    model = CountingModel()
+    out = classifier_free_guidance(model, 1.0, null_label=5)(x, t, class_labels=y, cond_frames=cf)
+    assert torch.equal(out, model(x, t, class_labels=y, cond_frames=cf))
+
+
+def test_cfg_runs_cond_and_uncond_in_one_batched_call():
+    x, t, y, cf = torch.randn(3, 4), torch.full((3,), 7.0), torch.tensor([0, 1, 2]), torch.randn(3, 4)
+    model = CountingModel()
+    out = classifier_free_guidance(model, 4.0, null_label=5)(x, t, class_labels=y, cond_frames=cf)
+    assert model.batches == [6]
+    cond = model(x, t, class_labels=y, cond_frames=cf)
+    uncond = model(x, t, class_labels=torch.full_like(y, 5), cond_frames=cf)
+    torch.testing.assert_close(out, uncond + 4.0 * (cond - uncond))
+    assert (out - cond).abs().max() > 1.0  # guidance actually moved the output
+
+
+def test_cfg_without_labels_is_the_unconditional_model_and_plugs_into_samplers():
+    model = CountingModel()
+    x = torch.randn(2, 4)
+    assert torch.equal(classifier_free_guidance(model, 3.0, 9)(x, torch.zeros(2)), model(x, torch.zeros(2)))
+    guided = classifier_free_guidance(gaussian_model(COSINE, "v"), 1.0, 0)
+    out = sample(guided, (4, 1), alphas_cumprod=COSINE, prediction="v", steps=3,
+                 cond={"class_labels": torch.zeros(4, dtype=torch.long)})  # fmt: skip
+    assert torch.isfinite(out).all()
