@@ -45,7 +45,9 @@ def clip_starts(
     """
     span = clip_span(clip_len, stride)
     if num_frames < span:
-        raise ValueError(f"video has {num_frames} frames; a clip of {clip_len} frames with stride {stride} needs {span}")
+        raise ValueError(
+            f"video has {num_frames} frames; a clip of {clip_len} frames with stride {stride} needs {span}"
+        )
     if max_clips is not None and max_clips < 1:
         raise ValueError(f"max_clips must be >= 1 or None, got {max_clips}")
     last = num_frames - span

@@ -85,8 +85,12 @@ def discover(root) -> tuple[list[MediaItem], list[str]]:
         items.append(MediaItem(root / rel, rel, kind, index.get(top, -1), top))
     loose = sum(1 for it in items if it.label < 0)
     if class_names and loose:
-        log.warning("%s: %d files lie directly in the data folder next to class folders; "
-                    "they are used with label -1 (unlabelled)", root, loose)
+        log.warning(
+            "%s: %d files lie directly in the data folder next to class folders; "
+            "they are used with label -1 (unlabelled)",
+            root,
+            loose,
+        )
     return items, class_names
 
 

@@ -47,8 +47,13 @@ class _MediaDataset(torch.utils.data.Dataset):
             self.class_names = list(SYNTHETIC_CLASSES)
             n = len(SYNTHETIC_CLASSES)
             items = [
-                MediaItem(Path("synthetic") / f"video_{i:05d}", f"synthetic/video_{i:05d}", "video", i % n,
-                          SYNTHETIC_CLASSES[i % n])
+                MediaItem(
+                    Path("synthetic") / f"video_{i:05d}",
+                    f"synthetic/video_{i:05d}",
+                    "video",
+                    i % n,
+                    SYNTHETIC_CLASSES[i % n],
+                )
                 for i in range(synthetic_videos)
             ]
         else:
@@ -75,7 +80,9 @@ class _MediaDataset(torch.utils.data.Dataset):
 
     def _synthetic_frames(self, item: MediaItem) -> np.ndarray:
         number = int(item.relpath.rsplit("_", 1)[1])
-        frames, _ = make_synthetic_video(number, num_frames=self.synthetic_frames, size=self.size, seed=self.seed)
+        frames, _ = make_synthetic_video(
+            number, num_frames=self.synthetic_frames, size=self.size, seed=self.seed
+        )
         return frames
 
     def __getitem__(self, index: int) -> dict:
@@ -94,7 +101,9 @@ class _MediaDataset(torch.utils.data.Dataset):
                 self._bad_items.add(item_pos)
                 self.skipped.append(e.path)
                 log.warning("skipping bad input %s", e)
-        raise BadInputError(self.source, f"every item of split {self.split!r} failed to load; first: {first_error}")
+        raise BadInputError(
+            self.source, f"every item of split {self.split!r} failed to load; first: {first_error}"
+        )
 
     def _load(self, index: int, rng: np.random.Generator) -> dict:
         raise NotImplementedError
@@ -125,8 +134,13 @@ class FrameDataset(_MediaDataset):
         random_crop: bool | None = None,
     ):
         super().__init__(
-            source, size=size, split=split, val_fraction=val_fraction, seed=seed,
-            synthetic_videos=synthetic_videos, synthetic_frames=synthetic_frames,
+            source,
+            size=size,
+            split=split,
+            val_fraction=val_fraction,
+            seed=seed,
+            synthetic_videos=synthetic_videos,
+            synthetic_frames=synthetic_frames,
         )
         self.random_crop = split == "train" if random_crop is None else random_crop
         for pos, item in enumerate(self.items):
@@ -172,8 +186,13 @@ class ClipDataset(_MediaDataset):
         synthetic_frames: int = 16,
     ):
         super().__init__(
-            source, size=size, split=split, val_fraction=val_fraction, seed=seed,
-            synthetic_videos=synthetic_videos, synthetic_frames=synthetic_frames,
+            source,
+            size=size,
+            split=split,
+            val_fraction=val_fraction,
+            seed=seed,
+            synthetic_videos=synthetic_videos,
+            synthetic_frames=synthetic_frames,
         )
         self.clip_len, self.stride = clip_len, stride
         self.span = clip_span(clip_len, stride)

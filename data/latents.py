@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, get_worker_info
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from .shards import MANIFEST, ShardError, check_shard_files, load_manifest
 from .stats import LatentStats, load_stats
@@ -122,11 +123,12 @@ def _read_shards(src, folder: Path):
         path = folder / entry["name"]
         count = 0
         try:
-            for sample in wds.tarfile_samples([{"url": str(path)}]):
-                count += 1
-                if sample_filter is None or index % sample_filter[1] == sample_filter[0]:
-                    yield sample
-                index += 1
+            with open(path, "rb") as stream:  # opened here, not by URL: any folder name works
+                for sample in group_by_keys(tar_file_expander([{"url": str(path), "stream": stream}])):
+                    count += 1
+                    if sample_filter is None or index % sample_filter[1] == sample_filter[0]:
+                        yield sample
+                    index += 1
         except ShardError:
             raise
         except Exception as e:  # tarfile.ReadError, EOF inside a member, duplicate names ...

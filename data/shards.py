@@ -40,7 +40,7 @@ def sidecar_name(kind: str, index: int) -> str:
 
 def sample_key(relpath: str, start: int) -> str:
     """WebDataset-safe key, unique and stable per (source file, clip start): no dots, no slashes."""
-    return hashlib.sha1(relpath.encode("utf-8")).hexdigest()[:16] + f"_{start:06d}"
+    return hashlib.sha1(relpath.encode("utf-8", "surrogateescape")).hexdigest()[:16] + f"_{start:06d}"
 
 
 def npy_bytes(arr: np.ndarray) -> bytes:
@@ -54,7 +54,7 @@ def sample_members(key: str, mean: np.ndarray, logvar: np.ndarray, meta: dict) -
     if "." in key or "/" in key:
         raise ValueError(f"sample key {key!r} must not contain '.' or '/' (WebDataset splits keys there)")
     members = {
-        "json": json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8"),
+        "json": json.dumps(meta, sort_keys=True).encode("ascii"),  # \u escapes: safe for any file name
         "logvar.npy": npy_bytes(np.asarray(logvar, np.float16)),
         "mean.npy": npy_bytes(np.asarray(mean, np.float16)),
     }
@@ -206,7 +206,7 @@ def finalize(folder: str | Path, sidecars: list[dict], **manifest_fields) -> dic
             stats = part if stats is None else stats.merge(part)
     failures = sorted((f for s in sidecars for f in s["failures"]), key=lambda f: (f["relpath"], f["stage"]))
     tmp = folder / (FAILURES + ".tmp")
-    tmp.write_text("".join(json.dumps(f, sort_keys=True, ensure_ascii=False) + "\n" for f in failures))
+    tmp.write_text("".join(json.dumps(f, sort_keys=True) + "\n" for f in failures))
     os.replace(tmp, folder / FAILURES)
     if stats is not None:
         stats.save(folder / STATS)

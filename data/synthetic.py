@@ -16,7 +16,15 @@ from .video_io import video_info, write_video
 # Sorted, so that discover() on the folders written by write_synthetic gives the same labels.
 SYNTHETIC_CLASSES: list[str] = ["circle", "square", "triangle"]
 BACKGROUND = (20, 20, 30)  # dark, plain: the object is everything that differs from it
-PALETTE = [(230, 60, 60), (60, 200, 80), (70, 110, 240), (240, 210, 60), (60, 210, 220), (220, 80, 220), (240, 240, 240)]
+PALETTE = [
+    (230, 60, 60),
+    (60, 200, 80),
+    (70, 110, 240),
+    (240, 210, 60),
+    (60, 210, 220),
+    (220, 80, 220),
+    (240, 240, 240),
+]
 _SHIFT = 4  # cv2 drawing with 4 fractional bits: sub-pixel positions give smooth motion
 
 
@@ -44,7 +52,9 @@ def _draw(img: np.ndarray, shape: str, centre: np.ndarray, radius: float, colour
     cv2.fillPoly(img, [(pts * scale).round().astype(np.int32)], colour, cv2.LINE_AA, _SHIFT)
 
 
-def make_synthetic_video(index: int, *, num_frames: int = 16, size: int = 64, seed: int = 0) -> tuple[np.ndarray, int]:
+def make_synthetic_video(
+    index: int, *, num_frames: int = 16, size: int = 64, seed: int = 0
+) -> tuple[np.ndarray, int]:
     """Video `index` of the synthetic set -> (uint8 [T,size,size,3] RGB, label = index % classes).
 
     Deterministic in (seed, index). The shape's size, colour, start and velocity are random; it
@@ -80,7 +90,9 @@ class SyntheticVideoDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < self.num_videos:
             raise IndexError(index)
-        frames, label = make_synthetic_video(index, num_frames=self.num_frames, size=self.size, seed=self.seed)
+        frames, label = make_synthetic_video(
+            index, num_frames=self.num_frames, size=self.size, seed=self.seed
+        )
         return {"video": to_tensor(frames), "label": label}
 
 

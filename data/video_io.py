@@ -21,7 +21,14 @@ from .errors import BadInputError, VideoWriteError
 VIDEO_EXTS = (".mp4", ".avi", ".mov", ".mkv", ".webm")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 DEFAULT_FPS = 30.0  # used when a file's fps metadata is missing, zero, NaN or absurd
-_CODEC_ALIASES = {"avc1": "h264", "avc3": "h264", "x264": "h264", "vp90": "vp9", "vp09": "vp9", "fmp4": "mp4v"}
+_CODEC_ALIASES = {
+    "avc1": "h264",
+    "avc3": "h264",
+    "x264": "h264",
+    "vp90": "vp9",
+    "vp09": "vp9",
+    "fmp4": "mp4v",
+}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -67,7 +74,9 @@ def _capture(path: Path) -> Iterator[cv2.VideoCapture]:
         cap = cv2.VideoCapture(name)
         try:
             if not cap.isOpened():
-                raise BadInputError(path, "cannot open as a video (not a video file, or a codec OpenCV lacks)")
+                raise BadInputError(
+                    path, "cannot open as a video (not a video file, or a codec OpenCV lacks)"
+                )
             yield cap
         finally:
             cap.release()
@@ -116,14 +125,18 @@ def to_rgb_uint8(img: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------- readers
 
 
-def read_video(path, *, start: int = 0, stride: int = 1, num_frames: int | None = None) -> tuple[np.ndarray, float]:
+def read_video(
+    path, *, start: int = 0, stride: int = 1, num_frames: int | None = None
+) -> tuple[np.ndarray, float]:
     """Decode frames start, start+stride, ... (num_frames of them, or all) -> (uint8 [T,H,W,3] RGB, fps).
 
     Decodes sequentially and trusts what decodes, never CAP_PROP_FRAME_COUNT. Skipped frames are
     only grabbed (not converted). Any unusable file raises BadInputError naming it.
     """
     if start < 0 or stride < 1 or (num_frames is not None and num_frames < 1):
-        raise ValueError(f"need start >= 0, stride >= 1, num_frames >= 1; got {start}, {stride}, {num_frames}")
+        raise ValueError(
+            f"need start >= 0, stride >= 1, num_frames >= 1; got {start}, {stride}, {num_frames}"
+        )
     path = _check_file(path)
     frames: list[np.ndarray] = []
     decoded = 0
@@ -234,7 +247,9 @@ def _pad_to_even(frames: np.ndarray) -> np.ndarray:
 
 
 def _encode_pyav(tmp: Path, frames: np.ndarray, fps: float, fmt: str, codec: str, options: dict) -> None:
-    with av.open(str(tmp), "w", format=fmt, options={"movflags": "+faststart"} if fmt == "mp4" else {}) as out:
+    with av.open(
+        str(tmp), "w", format=fmt, options={"movflags": "+faststart"} if fmt == "mp4" else {}
+    ) as out:
         stream = out.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
         stream.height, stream.width = frames.shape[1:3]
         stream.pix_fmt = "yuv420p"
@@ -273,7 +288,9 @@ def _verify_video(tmp: Path, final: Path, num_frames: int, size: tuple[int, int]
         raise VideoWriteError(f"{final}: the written video does not read back: {e.reason}") from None
     got = (info["num_frames"], info["height"], info["width"])
     if got != (num_frames, *size):
-        raise VideoWriteError(f"{final}: video reads back as {got} (frames, H, W), expected {(num_frames, *size)}")
+        raise VideoWriteError(
+            f"{final}: video reads back as {got} (frames, H, W), expected {(num_frames, *size)}"
+        )
 
 
 def write_video(path, frames: np.ndarray, fps: float, *, crf: int = 18) -> Path:

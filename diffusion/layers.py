@@ -64,7 +64,9 @@ class ResBlock(nn.Module):
     """ADM residual block with space-only 3x3 convs, FiLM from the timestep/class embedding
     (norm(h) * (1 + scale) + shift), and an optional temporal 3-tap conv branch (skipped at T = 1)."""
 
-    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, *, groups: int, dropout: float, temporal_conv: bool):
+    def __init__(
+        self, in_ch: int, out_ch: int, emb_dim: int, *, groups: int, dropout: float, temporal_conv: bool
+    ):
         super().__init__()
         self.norm1 = group_norm(in_ch, groups)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)

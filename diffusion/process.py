@@ -21,7 +21,9 @@ class GaussianDiffusion:
         if config.prediction not in PREDICTIONS:
             raise ValueError(f"unknown prediction {config.prediction!r} (expected one of {PREDICTIONS})")
         if config.loss_weighting not in LOSS_WEIGHTINGS:
-            raise ValueError(f"unknown loss_weighting {config.loss_weighting!r} (expected one of {LOSS_WEIGHTINGS})")
+            raise ValueError(
+                f"unknown loss_weighting {config.loss_weighting!r} (expected one of {LOSS_WEIGHTINGS})"
+            )
         self.config = config
         self.num_timesteps = config.num_timesteps
         # float64 on CPU; gathered and moved to the data's device on demand (alpha_sigma does this)
@@ -34,7 +36,9 @@ class GaussianDiffusion:
         )
 
     # ------------------------------------------------------------------ forward process
-    def sample_timesteps(self, batch: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+    def sample_timesteps(
+        self, batch: int, generator: torch.Generator | None = None, device=None
+    ) -> torch.Tensor:
         """t ~ U{0, ..., num_timesteps - 1} [B] long, drawn on the generator's device then moved."""
         gen_device = generator.device if generator is not None else device
         t = torch.randint(0, self.num_timesteps, (batch,), generator=generator, device=gen_device)
@@ -108,7 +112,8 @@ class GaussianDiffusion:
             t = self.sample_timesteps(batch, generator, x0.device)
         if noise is None:
             gen_device = generator.device if generator is not None else x0.device
-            noise = torch.randn(x0.shape, generator=generator, device=gen_device, dtype=x0.dtype).to(x0.device)
+            noise = torch.randn(x0.shape, generator=generator, device=gen_device, dtype=x0.dtype)
+            noise = noise.to(x0.device)
         x_t = self.q_sample(x0, t, noise)
         out = model(x_t, t, **(model_kwargs or {}))
         err = (out.float() - self.target(x0, noise, t).float()) ** 2  # [B, C, T, h, w]
@@ -117,7 +122,9 @@ class GaussianDiffusion:
             mse = err.mean(dim=tuple(range(1, err.ndim)))
         else:
             if frame_mask.shape != (batch, x0.shape[2]):
-                raise ValueError(f"frame_mask must be [B, T] = {(batch, x0.shape[2])}, got {tuple(frame_mask.shape)}")
+                raise ValueError(
+                    f"frame_mask must be [B, T] = {(batch, x0.shape[2])}, got {tuple(frame_mask.shape)}"
+                )
             mask = frame_mask.to(err)[:, None, :, None, None]  # [B, 1, T, 1, 1]
             per_frame = err[:, :, 0].numel() // batch  # C * h * w elements per frame
             count = mask.sum(dim=(1, 2, 3, 4)) * per_frame

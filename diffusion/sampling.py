@@ -35,7 +35,9 @@ def timesteps_for(num_steps: int, num_timesteps: int, spacing: str = "trailing")
     elif spacing == "linspace":
         ts = torch.linspace(0, num_timesteps - 1, num_steps, dtype=torch.float64).round().flip(0)
     else:
-        raise ValueError(f"unknown timestep spacing {spacing!r} (expected 'trailing', 'leading' or 'linspace')")
+        raise ValueError(
+            f"unknown timestep spacing {spacing!r} (expected 'trailing', 'leading' or 'linspace')"
+        )
     return ts.long()
 
 
@@ -222,9 +224,17 @@ def sample(
                 callback(info)
 
         return SAMPLERS[sampler](
-            model, x_T, timesteps, alphas_cumprod, prediction,
-            cond=cond, generator=generator, callback=step_done, clip_x0=clip_x0, **extra,
-        )  # fmt: skip
+            model,
+            x_T,
+            timesteps,
+            alphas_cumprod,
+            prediction,
+            cond=cond,
+            generator=generator,
+            callback=step_done,
+            clip_x0=clip_x0,
+            **extra,
+        )
 
 
 def classifier_free_guidance(model: Model, scale: float, null_label: int) -> Model:

@@ -84,7 +84,9 @@ class UNet3D(nn.Module):
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(c.channel_mult))):
             for i in range(c.num_res_blocks + 1):
-                self.up.append(UNetBlock(ch + skips.pop(), mult * base, emb_dim, c, level in c.attention_levels))
+                self.up.append(
+                    UNetBlock(ch + skips.pop(), mult * base, emb_dim, c, level in c.attention_levels)
+                )
                 ch = mult * base
                 if level > 0 and i == c.num_res_blocks:
                     self.up.append(Upsample(ch))

@@ -23,15 +23,18 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from torch.utils.data import DataLoader, Dataset
 
 from autoencoder.model import FrameVAE, weights_hash
 from autoencoder.video import encode_video
+from data.clips import clip_starts, stride_for_fps
 from data.discovery import discover
 from data.errors import BadInputError
-from data.shards import ShardError, ShardWriter, sample_key, sample_members, sidecar_name
+from data.shards import ShardError, ShardWriter, finalize, sample_key, sample_members, sidecar_name
 from data.stats import RunningStats
-from data.transforms import to_tensor
-from scripts.encode_inputs import InputSpec, decode_results, synthetic_specs
+from data.synthetic import SYNTHETIC_CLASSES, make_synthetic_video
+from data.transforms import resize_and_crop, to_tensor
+from data.video_io import read_image, read_video
 from scripts.runtime.cli import build_parser, resolve_config, run_main
 from scripts.runtime.config import ConfigError, config_to_dict
 
@@ -89,6 +92,118 @@ class EncodeRunConfig:
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
+# ----------------------------------------------------------------------------- decoding (DataLoader workers)
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One input file (or synthetic video number `index` when path is None)."""
+
+    kind: str
+    relpath: str
+    path: str | None
+    label: int = -1
+    label_name: str | None = None
+    index: int = -1
+
+
+def synthetic_specs(sc: SyntheticConfig) -> tuple[list[InputSpec], list[str]]:
+    """The synthetic set named like make_synthetic's folders; label = index % classes (checked on decode)."""
+    names = SYNTHETIC_CLASSES
+    specs = [InputSpec("video", f"{names[i % len(names)]}/{i:06d}", None, i % len(names), names[i % len(names)], i)
+             for i in range(sc.num_videos)]  # fmt: skip
+    return specs, list(names)
+
+
+def _failure(spec: InputSpec, reason: str, stage: str) -> dict:
+    return {"ok": False, "failure": {"relpath": spec.relpath, "kind": spec.kind, "reason": reason, "stage": stage}}
+
+
+def decode_input(spec: InputSpec, cfg: EncodeConfig, sc: SyntheticConfig) -> dict:
+    """One file -> its clips, uint8 [T, size, size, 3] each (uint8 crosses processes 4x cheaper)."""
+    if spec.kind == "image":
+        img = read_image(spec.path)
+        clip = resize_and_crop(img, cfg.size)[None]
+        return {"ok": True, "clips": [(0, torch.from_numpy(clip))], "stride": 1, "fps": None, "orig_size": list(img.shape[:2])}
+    if spec.path is None:
+        frames, label = make_synthetic_video(spec.index, num_frames=sc.num_frames, size=sc.size, seed=sc.seed)
+        assert label == spec.label, "make_synthetic_video labels changed"
+        fps = sc.fps
+    else:  # the whole file at once, then clips by index: one decode pass (memory: one decoded video)
+        frames, fps = read_video(spec.path)
+    stride = stride_for_fps(fps, cfg.target_fps) if cfg.target_fps > 0 else cfg.stride
+    mode = "all" if cfg.max_clips is None else "uniform"
+    try:
+        starts = clip_starts(len(frames), cfg.clip_len, stride, mode=mode, max_clips=cfg.max_clips)
+    except ValueError as e:
+        return _failure(spec, str(e), "clips")
+    span = (cfg.clip_len - 1) * stride + 1
+    clips = [(s, torch.from_numpy(resize_and_crop(frames[s : s + span : stride], cfg.size))) for s in starts]
+    return {"ok": True, "clips": clips, "stride": stride, "fps": fps, "orig_size": list(frames.shape[1:3])}
+
+
+class InputDecoder(Dataset):
+    """Item i = every clip of input i, or a failure record: an exception never escapes a worker."""
+
+    def __init__(self, specs: list[InputSpec], cfg: EncodeConfig, sc: SyntheticConfig):
+        self.specs, self.cfg, self.sc = specs, cfg, sc
+
+    def __len__(self) -> int:
+        return len(self.specs)
+
+    def __getitem__(self, i: int) -> dict:
+        spec = self.specs[i]
+        try:
+            return decode_input(spec, self.cfg, self.sc)
+        except BadInputError as e:
+            return _failure(spec, e.reason, "decode")
+        except Exception as e:  # a decoder bug on one odd file must not end the run
+            return _failure(spec, f"{type(e).__name__}: {e}", "decode")
+
+
+def _identity(x):
+    return x
+
+
+def _quiet_worker(_):
+    import cv2
+
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
+
+
+def _loader(dataset: Dataset, num_workers: int):
+    kw = dict(num_workers=num_workers, worker_init_fn=_quiet_worker) if num_workers > 0 else {}
+    return DataLoader(dataset, batch_size=None, shuffle=False, collate_fn=_identity, **kw)
+
+
+class Progress:
+    """The first input not yet handed to the encoder: the suspect when a worker process dies."""
+
+    next: InputSpec | None = None
+
+
+def decode_results(specs, cfg, sc, num_workers: int, known: dict, progress: Progress):
+    """Yield each spec's decode result in order; results in `known` (by relpath) are not re-decoded."""
+    todo = [s for s in specs if s.relpath not in known]
+    it = iter(_loader(InputDecoder(todo, cfg, sc), min(num_workers, len(todo))))
+    for i, spec in enumerate(specs):
+        progress.next = spec
+        result = known[spec.relpath] if spec.relpath in known else next(it)
+        progress.next = specs[i + 1] if i + 1 < len(specs) else None
+        yield result
+
+
+def decode_alone(spec, cfg, sc) -> dict:
+    """Decode one input in a fresh worker process; if that process dies too, it is a failure."""
+    try:
+        return list(_loader(InputDecoder([spec], cfg, sc), 1))[0]
+    except RuntimeError as e:
+        if "DataLoader worker" not in str(e):
+            raise
+        return _failure(spec, f"decoder process crashed ({e})", "decode")
+
+
 # ----------------------------------------------------------------------------- work units
 
 
@@ -111,16 +226,6 @@ def plan_units(specs: list[InputSpec], cfg: EncodeConfig) -> list[Unit]:
 def unit_fingerprint(unit: Unit, settings: dict) -> str:
     text = json.dumps({"settings": settings, "inputs": [s.relpath for s in unit.specs]}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-def gather_specs(data: str, run: EncodeRunConfig) -> tuple[list[InputSpec], list[str]]:
-    if data == "synthetic":
-        return synthetic_specs(run.synthetic)
-    items, class_names = discover(data)
-    specs = [InputSpec(it.kind, it.relpath, str(it.path), it.label, it.label_name) for it in items]
-    if not run.encode.images:
-        specs = [s for s in specs if s.kind == "video"]
-    return specs, class_names
 
 
 # ----------------------------------------------------------------------------- encoding
@@ -184,21 +289,41 @@ def _meta(spec: InputSpec, result: dict, start: int, mean) -> dict:
     }  # fmt: skip
 
 
-def encode_units(units, todo, vae, cfg, writer, fingerprints, device, num_workers, log) -> None:
+def encode_units(todo, vae, run_cfg, writer, fingerprints, device, known, progress) -> None:
     """Decode every input of the `todo` units (in order) and write one shard per unit."""
+    cfg = run_cfg.encode
     enc = UnitEncoder(vae, cfg, device)
     order = [(u, spec) for u in todo for spec in u.specs]
+    results = decode_results([s for _, s in order], cfg, run_cfg.synthetic, cfg.num_workers, known, progress)
     current, left = None, 0
-    for (unit, spec), result in zip(order, decode_results([s for _, s in order], cfg, num_workers)):
-        if unit is not current:
-            current, left = unit, len(unit.specs)
-            enc.start(unit)
-        enc.add(spec, result)
-        left -= 1
-        if left == 0:
-            side = enc.finish(writer, fingerprints[id(unit)])
-            log(f"{sidecar_name(unit.kind, unit.index)[:-10]}: {side['samples']} samples, "
-                f"{len(side['failures'])} failures")  # fmt: skip
+    try:
+        for (unit, spec), result in zip(order, results):
+            if unit is not current:
+                current, left = unit, len(unit.specs)
+                enc.start(unit)
+            enc.add(spec, result)
+            left -= 1
+            if left == 0:
+                side = enc.finish(writer, fingerprints[id(unit)])
+                print(f"{side['name'] or sidecar_name(unit.kind, unit.index)}: {side['samples']} samples, "
+                      f"{len(side['failures'])} failures", flush=True)  # fmt: skip
+    finally:
+        results.close()  # shuts the DataLoader workers down
+
+
+def encode_with_retries(mine, vae, run_cfg, writer, fingerprints, device) -> None:
+    """encode_units until done; a dead worker makes its suspect input be decoded alone, then the
+    unfinished units restart (finished shards are kept)."""
+    known, progress = {}, Progress()
+    while True:
+        todo = [u for u in mine if writer.completed(u.kind, u.index, fingerprints[id(u)]) is None]
+        try:
+            return encode_units(todo, vae, run_cfg, writer, fingerprints, device, known, progress)
+        except RuntimeError as e:  # raised by DataLoader's SIGCHLD handler or its queue watchdog
+            if "DataLoader worker" not in str(e) or progress.next is None:
+                raise
+            print(f"a decoding worker died ({e}); retrying {progress.next.relpath} alone", flush=True)
+            known[progress.next.relpath] = decode_alone(progress.next, run_cfg.encode, run_cfg.synthetic)
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -242,47 +367,46 @@ def run(args) -> dict:
     cfg, out = run_cfg.encode, Path(args.output_dir)
     acc = Accelerator()
     vae, ae_info = load_autoencoder(args.autoencoder, acc.device)
-    specs, class_names = gather_specs(args.data, run_cfg)
+    if args.data == "synthetic":
+        specs, class_names = synthetic_specs(run_cfg.synthetic)
+    else:
+        items, class_names = discover(args.data)
+        specs = [InputSpec(it.kind, it.relpath, str(it.path), it.label, it.label_name) for it in items]
+        specs = [s for s in specs if cfg.images or s.kind == "video"]
     units = plan_units(specs, cfg)
     settings = encoding_settings(run_cfg, args.data)
     fingerprints = {id(u): unit_fingerprint(u, {**settings, "autoencoder": ae_info["weights_sha256"]}) for u in units}
     writer = ShardWriter(out)
+    fresh = [u for u in units if writer.completed(u.kind, u.index, fingerprints[id(u)], check_hash=False) is None]
     mine = units[acc.process_index :: acc.num_processes]
-    todo = [u for u in mine if writer.completed(u.kind, u.index, fingerprints[id(u)]) is None]
-    log = print if acc.is_main_process else (lambda *a: None)
-    log(f"{len(specs)} inputs in {len(units)} units; {len(mine) - len(todo)} already done here, {len(todo)} to encode")
-    encode_units(units, todo, vae, cfg, writer, fingerprints, acc.device, cfg.num_workers, lambda m: print(m, flush=True))
+    if acc.is_main_process:
+        print(f"{len(specs)} inputs in {len(units)} shards; {len(units) - len(fresh)} complete already", flush=True)
+    encode_with_retries(mine, vae, run_cfg, writer, fingerprints, acc.device)
     acc.wait_for_everyone()
     summary = {}
     if acc.is_main_process:
-        summary = finalize_outputs(out, units, writer, fingerprints, cfg, ae_info, settings, class_names)
-        summary["seconds"] = time.perf_counter() - t0
+        sides = {id(u): writer.completed(u.kind, u.index, fingerprints[id(u)], check_hash=False) for u in units}
+        missing = [sidecar_name(u.kind, u.index) for u in units if sides[id(u)] is None]
+        if missing:
+            raise ShardError(f"{out}: units not finished: {', '.join(missing[:5])} (did a process fail?)")
+        manifest = finalize(out, list(sides.values()), clip_len=cfg.clip_len, autoencoder=ae_info,
+                            encoding=settings, labels=class_names)  # fmt: skip
+        summary = dict(manifest["totals"], seconds=time.perf_counter() - t0)
+        summary["run_clips"] = sum(sides[id(u)]["samples"] for u in fresh if u.kind == "video")
+        summary["run_frames"] = sum(sides[id(u)]["frames"] for u in fresh)
         print_summary(summary, out)
+        if not manifest["totals"]["samples"]:
+            raise ShardError(f"{out}: nothing could be encoded; reasons in {out / 'failures.jsonl'}")
     acc.wait_for_everyone()
     return summary
-
-
-def finalize_outputs(out, units, writer, fingerprints, cfg, ae_info, settings, class_names) -> dict:
-    from data.shards import finalize
-
-    sides = []
-    for u in units:
-        side = writer.completed(u.kind, u.index, fingerprints[id(u)], check_hash=False)
-        if side is None:
-            raise ShardError(f"{out / sidecar_name(u.kind, u.index)}: unit not finished (did a process fail?)")
-        sides.append(side)
-    if not any(s["samples"] for s in sides):
-        raise ShardError(f"{out}: nothing was encoded; see {out / 'failures.jsonl'}")
-    manifest = finalize(out, sides, clip_len=cfg.clip_len, autoencoder=ae_info, encoding=settings, labels=class_names)
-    return dict(manifest["totals"])
 
 
 def print_summary(s: dict, out: Path) -> None:
     secs = max(s["seconds"], 1e-9)
     print(
-        f"encoded {s['video_samples']} clips from {s['videos']} videos and {s['images']} images "
-        f"({s['samples']} samples, {s['frames']} frames); {s['failures']} failures; "
-        f"{secs:.1f} s, {s['video_samples'] / secs:.1f} clips/s, {s['frames'] / secs:.1f} frames/s -> {out}",
+        f"{out}: {s['video_samples']} clips from {s['videos']} videos, {s['images']} images, {s['failures']} "
+        f"failures ({s['samples']} samples, {s['frames']} frames). This run: {s['run_clips']} clips in {secs:.1f} s, "
+        f"{s['run_clips'] / secs:.2f} clips/s, {s['run_frames'] / secs:.1f} frames/s",
         flush=True,
     )
     if s["failures"]:

@@ -32,7 +32,12 @@ def main(argv=None) -> int:
         parser.error("need --num-videos >= 1, --frames >= 1, --size >= 8 and --fps > 0")
     try:
         paths = write_synthetic(
-            args.output_dir, args.num_videos, num_frames=args.frames, size=args.size, fps=args.fps, seed=args.seed
+            args.output_dir,
+            args.num_videos,
+            num_frames=args.frames,
+            size=args.size,
+            fps=args.fps,
+            seed=args.seed,
         )
     except (BadInputError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

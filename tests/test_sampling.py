@@ -97,8 +97,14 @@ def test_eps_prediction_at_zero_snr_is_a_clear_error():
     with pytest.raises(ValueError, match="SNR is 0"):
         denoise(gaussian_model(ZERO_SNR, "eps"), x, 999, ZERO_SNR, "eps")
     # leading spacing never visits the SNR-0 step, so eps-prediction samples fine there
-    out = sample(gaussian_model(ZERO_SNR, "eps"), (8, 1), alphas_cumprod=ZERO_SNR, prediction="eps",
-                 spacing="leading", steps=10)  # fmt: skip
+    out = sample(
+        gaussian_model(ZERO_SNR, "eps"),
+        (8, 1),
+        alphas_cumprod=ZERO_SNR,
+        prediction="eps",
+        spacing="leading",
+        steps=10,
+    )
     assert torch.isfinite(out).all()
 
 
@@ -108,8 +114,15 @@ def test_eps_prediction_at_zero_snr_is_a_clear_error():
 @pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
 def test_ddpm_250_steps_matches_data_moments(prediction):
     g = torch.Generator().manual_seed(0)
-    x = sample(gaussian_model(COSINE, prediction), (20000, 1), alphas_cumprod=COSINE, prediction=prediction,
-               sampler="ddpm", steps=250, generator=g)  # fmt: skip
+    x = sample(
+        gaussian_model(COSINE, prediction),
+        (20000, 1),
+        alphas_cumprod=COSINE,
+        prediction=prediction,
+        sampler="ddpm",
+        steps=250,
+        generator=g,
+    )
     assert abs(x.mean().item() - MU) < 0.01  # standard error 0.002
     assert abs(x.std().item() - S) < 0.015  # ancestral discretisation leaves ~-0.007 at 250 steps
 
@@ -141,23 +154,36 @@ def test_dpmpp_2m_converges_at_second_order(prediction):
 
 
 def test_dpmpp_2m_20_steps_matches_data_moments():
-    x = sample(gaussian_model(COSINE, "v"), (20000, 1), alphas_cumprod=COSINE, prediction="v", steps=20,
-               generator=torch.Generator().manual_seed(5))  # fmt: skip
+    x = sample(
+        gaussian_model(COSINE, "v"),
+        (20000, 1),
+        alphas_cumprod=COSINE,
+        prediction="v",
+        steps=20,
+        generator=torch.Generator().manual_seed(5),
+    )
     assert abs(x.mean().item() - MU) < 0.01
     assert abs(x.std().item() - S) < 0.015
 
 
 @pytest.mark.parametrize("prediction", ["v", "x0"])
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp_2m"])
-def test_zero_terminal_snr_starts_at_snr_0_without_nan(sampler, prediction):
+@pytest.mark.parametrize("sampler, steps", [("ddpm", 250), ("ddim", 100), ("dpmpp_2m", 50)])
+def test_zero_terminal_snr_starts_at_snr_0_without_nan(sampler, steps, prediction):
     calls = []
     model = gaussian_model(ZERO_SNR, prediction, calls)
-    x = sample(model, (20000, 1), alphas_cumprod=ZERO_SNR, prediction=prediction, sampler=sampler,
-               steps=100, generator=torch.Generator().manual_seed(6))  # fmt: skip
+    x = sample(
+        model,
+        (20000, 1),
+        alphas_cumprod=ZERO_SNR,
+        prediction=prediction,
+        sampler=sampler,
+        steps=steps,
+        generator=torch.Generator().manual_seed(6),
+    )
     assert calls[0][0].item() == 999 and ZERO_SNR[999] == 0
     assert torch.isfinite(x).all()
     assert abs(x.mean().item() - MU) < 0.01
-    assert abs(x.std().item() - S) < 0.025  # the linear schedule ends on a bigger final step
+    assert abs(x.std().item() - S) < 0.02  # ancestral: -0.013 at 250 steps on this schedule
 
 
 # ----------------------------------------------------------------------------- dispatcher
@@ -167,14 +193,37 @@ def test_sample_dispatches_with_given_noise_callback_and_progress(capsys):
     x_T = torch.randn(16, 2, generator=torch.Generator().manual_seed(7))
     model = gaussian_model(COSINE, "v")
     seen = []
-    out = sample(model, x_T.shape, alphas_cumprod=COSINE, prediction="v", sampler="ddim", steps=12,
-                 x_T=x_T, progress=True, callback=lambda info: seen.append(info["t"]))  # fmt: skip
+    out = sample(
+        model,
+        x_T.shape,
+        alphas_cumprod=COSINE,
+        prediction="v",
+        sampler="ddim",
+        steps=12,
+        x_T=x_T,
+        progress=True,
+        callback=lambda info: seen.append(info["t"]),
+    )
     torch.testing.assert_close(out, sample_ddim(model, x_T, timesteps_for(12, 1000), COSINE, "v"))
     assert seen == timesteps_for(12, 1000).tolist()
-    again = sample(model, (16, 2), alphas_cumprod=COSINE, prediction="v", sampler="ddpm", steps=5,
-                   generator=torch.Generator().manual_seed(8))  # fmt: skip
-    same = sample(model, (16, 2), alphas_cumprod=COSINE, prediction="v", sampler="ddpm", steps=5,
-                  generator=torch.Generator().manual_seed(8))  # fmt: skip
+    again = sample(
+        model,
+        (16, 2),
+        alphas_cumprod=COSINE,
+        prediction="v",
+        sampler="ddpm",
+        steps=5,
+        generator=torch.Generator().manual_seed(8),
+    )
+    same = sample(
+        model,
+        (16, 2),
+        alphas_cumprod=COSINE,
+        prediction="v",
+        sampler="ddpm",
+        steps=5,
+        generator=torch.Generator().manual_seed(8),
+    )
     assert torch.equal(again, same)
     with pytest.raises(ValueError, match="unknown sampler"):
         sample(model, (2, 2), alphas_cumprod=COSINE, prediction="v", sampler="euler")
@@ -219,6 +268,12 @@ def test_cfg_without_labels_is_the_unconditional_model_and_plugs_into_samplers()
     x = torch.randn(2, 4)
     assert torch.equal(classifier_free_guidance(model, 3.0, 9)(x, torch.zeros(2)), model(x, torch.zeros(2)))
     guided = classifier_free_guidance(gaussian_model(COSINE, "v"), 1.0, 0)
-    out = sample(guided, (4, 1), alphas_cumprod=COSINE, prediction="v", steps=3,
-                 cond={"class_labels": torch.zeros(4, dtype=torch.long)})  # fmt: skip
+    out = sample(
+        guided,
+        (4, 1),
+        alphas_cumprod=COSINE,
+        prediction="v",
+        steps=3,
+        cond={"class_labels": torch.zeros(4, dtype=torch.long)},
+    )
     assert torch.isfinite(out).all()

@@ -1,8 +1,10 @@
 """Shard writing, manifest and verification: deterministic bytes, resumable units, tamper detection."""
 
+import ast
 import io
 import json
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -144,3 +146,12 @@ def test_load_manifest_errors_name_the_file(tmp_path):
     with pytest.raises(ShardError, match="not a latent-shard manifest"):
         load_manifest(tmp_path)
     assert "manifest not found" in verify_shards(tmp_path / "nowhere").summary()
+
+
+def test_data_modules_import_no_model_or_script_code():
+    root = Path(__file__).resolve().parents[1] / "data"
+    for name in ("stats.py", "shards.py", "latents.py"):
+        tree = ast.parse((root / name).read_text())
+        mods = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        mods += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 0]
+        assert not [m for m in mods if m.split(".")[0] in ("autoencoder", "diffusion", "scripts")], name

@@ -218,7 +218,14 @@ def test_gradient_checkpointing_gives_same_gradients(monkeypatch):
 
 @pytest.mark.parametrize("path", ["diffusion/unet3d.py", "diffusion/layers.py"])
 def test_network_imports_no_process_sampler_or_other_stage(path):
-    banned = ("diffusion.process", "diffusion.sampling", "diffusion.guidance", "autoencoder", "data", "scripts")
+    banned = (
+        "diffusion.process",
+        "diffusion.sampling",
+        "diffusion.guidance",
+        "autoencoder",
+        "data",
+        "scripts",
+    )
     for node in ast.walk(ast.parse((ROOT / path).read_text())):
         names = []
         if isinstance(node, ast.Import):

@@ -44,7 +44,9 @@ def brightness_ramp(t: int = 10) -> np.ndarray:
 
 
 def cv2_write(path, frames_rgb: np.ndarray, fourcc: str, fps: float = 8.0) -> None:
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), fps, (frames_rgb.shape[2], frames_rgb.shape[1]))
+    writer = cv2.VideoWriter(
+        str(path), cv2.VideoWriter_fourcc(*fourcc), fps, (frames_rgb.shape[2], frames_rgb.shape[1])
+    )
     assert writer.isOpened(), f"this OpenCV build cannot write {fourcc} {path}"
     for f in frames_rgb:
         writer.write(cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
@@ -63,7 +65,9 @@ def test_bad_input_error_message_and_pickle():
     e = BadInputError("/data/a.mp4", "empty file (0 bytes)")
     assert str(e) == "/data/a.mp4: empty file (0 bytes)"
     back = pickle.loads(pickle.dumps(e))
-    assert type(back) is BadInputError and (back.path, back.reason) == (e.path, e.reason) and str(back) == str(e)
+    assert (
+        type(back) is BadInputError and (back.path, back.reason) == (e.path, e.reason) and str(back) == str(e)
+    )
 
 
 # ----------------------------------------------------------------------------- our writer -> readers
@@ -107,7 +111,9 @@ def test_webm_round_trip(tmp_path):
 
 
 def test_failed_verification_leaves_no_file(tmp_path, monkeypatch):
-    monkeypatch.setattr(video_io, "video_info", lambda p: {"fps": 8.0, "num_frames": 1, "height": H, "width": W})
+    monkeypatch.setattr(
+        video_io, "video_info", lambda p: {"fps": 8.0, "num_frames": 1, "height": H, "width": W}
+    )
     with pytest.raises(VideoWriteError, match="reads back as"):
         write_video(tmp_path / "x.mp4", moving_red_disc(), fps=8)
     assert os.listdir(tmp_path) == []
@@ -125,7 +131,9 @@ def test_write_rejects_bad_arguments(tmp_path):
 # ----------------------------------------------------------------------------- OpenCV-written files
 
 
-@pytest.mark.parametrize("name,fourcc", [("a.mp4", "mp4v"), ("a.avi", "MJPG"), ("a.webm", "VP90"), ("a.mkv", "VP90")])
+@pytest.mark.parametrize(
+    "name,fourcc", [("a.mp4", "mp4v"), ("a.avi", "MJPG"), ("a.webm", "VP90"), ("a.mkv", "VP90")]
+)
 def test_reads_files_written_by_opencv(tmp_path, name, fourcc):
     path = tmp_path / name
     cv2_write(path, moving_red_disc(), fourcc)

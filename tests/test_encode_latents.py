@@ -1,0 +1,178 @@
+"""encode_latents end to end with a tiny real FrameVAE: round trip, reruns, resume, awkward inputs."""
+
+import json
+import os
+import shutil
+import signal
+import tarfile
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+import scripts.encode_latents as enc
+from autoencoder.config import VAEConfig
+from autoencoder.model import FrameVAE, weights_hash
+from autoencoder.video import encode_video
+from data.latents import make_latent_loader, un_whiten
+from data.shards import load_manifest, verify_shards
+from data.synthetic import make_synthetic_video
+from data.transforms import resize_and_crop, to_tensor
+from scripts import verify_shards as verify_cli
+
+SYNTH = ["synthetic.num_videos=5", "synthetic.num_frames=8", "synthetic.size=32", "encode.size=32",
+         "encode.clip_len=4", "encode.videos_per_shard=2", "encode.batch_size=3"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    cfg = VAEConfig(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, latent_channels=4,
+                    mid_attention=False, norm_groups=8)  # fmt: skip
+    return FrameVAE(cfg).save_pretrained(tmp_path_factory.mktemp("vae") / "export")
+
+
+def encode(vae_dir, data, out, *extra, workers=0):
+    argv = ["--autoencoder", str(vae_dir), "--data", str(data), "--output-dir", str(out),
+            "--num-workers", str(workers), *extra]  # fmt: skip
+    return enc.main(argv)
+
+
+def files(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_synthetic_round_trip(vae_dir, tmp_path):
+    out = tmp_path / "shards"
+    assert encode(vae_dir, "synthetic", out, *SYNTH) == 0
+    m = load_manifest(out)
+    assert m["totals"]["video_samples"] == 10 and m["totals"]["videos"] == 5 and m["totals"]["failures"] == 0
+    assert [s["name"] for s in m["shards"]] == ["video-000000.tar", "video-000001.tar", "video-000002.tar"]
+    assert m["latent_shape"] == [4, 16, 16] and m["clip_len"] == 4 and m["labels"] == ["circle", "square", "triangle"]
+    assert m["autoencoder"]["weights_sha256"] == weights_hash(vae_dir)
+    assert (out / "config.yaml").exists() and verify_shards(out).ok
+    vae = FrameVAE.from_pretrained(vae_dir)
+    loader = make_latent_loader(out, batch_size=4, use_mean=True, shuffle_buffer=0)
+    seen = 0
+    for batch in loader:
+        for x, label, meta in zip(batch["latent"], batch["label"], batch["meta"]):
+            index = int(meta["source"].split("/")[1])
+            frames, lab = make_synthetic_video(index, num_frames=8, size=32, seed=0)
+            clip = to_tensor(resize_and_crop(frames[meta["start"] : meta["start"] + 4], 32))[None]
+            with torch.no_grad():
+                direct, _ = encode_video(vae, clip, chunk_size=16)
+            assert label == lab == meta["label"] and meta["stride"] == 1 and meta["fps"] == 8.0
+            torch.testing.assert_close(un_whiten(x, loader.stats), direct[0], atol=2e-3, rtol=2e-3)  # float16
+            seen += 1
+    assert seen == 10
+
+
+def test_rerun_is_byte_identical_and_resumes_after_interruption(vae_dir, tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert encode(vae_dir, "synthetic", a, *SYNTH) == 0
+    first = files(a)
+    capsys.readouterr()
+    assert encode(vae_dir, "synthetic", a, *SYNTH) == 0  # nothing to do
+    assert "3 shards; 3 complete already" in capsys.readouterr().out
+    assert files(a) == first
+    shutil.copytree(a, b)
+    (b / "video-000001.tar").rename(b / "video-000001.tar.tmp")  # killed between write and rename
+    (b / "video-000002.tar").write_bytes(b"half a shard")  # or a torn file
+    (b / "manifest.json").unlink()
+    assert encode(vae_dir, "synthetic", b, *SYNTH, workers=2) == 0  # decoding in workers: same bytes
+    assert "3 shards; 1 complete already" in capsys.readouterr().out
+    again = files(b)
+    assert again.keys() == first.keys()  # the .tmp was rewritten and renamed
+    assert [k for k in first if again[k] != first[k]] == ["config.yaml"]  # it records --num-workers
+    assert verify_shards(b).ok
+    # other settings in the same folder: refuse instead of mixing shards
+    assert encode(vae_dir, "synthetic", b, *SYNTH, "encode.clip_len=2") == 2
+    assert "different encoding settings" in capsys.readouterr().err
+
+
+def _video(path, frames, size=(40, 30), fourcc="MJPG"):
+    w = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), 10.0, size)
+    rng = np.random.default_rng(len(str(path)))
+    for _ in range(frames):
+        w.write(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+    w.release()
+
+
+def _awkward_folder(root):
+    good, bad = set(), {}
+    for cls in ("cl ass.a", "ünï"):
+        (root / cls).mkdir(parents=True)
+    _video(root / "cl ass.a" / "my clip.v1.avi", 9)
+    _video(root / "ünï" / "vidéo ñ.mp4", 6, fourcc="mp4v")
+    good |= {"cl ass.a/my clip.v1.avi", "ünï/vidéo ñ.mp4"}
+    _video(root / "ünï" / "short.avi", 2)
+    bad["ünï/short.avi"] = "clips"
+    (root / "cl ass.a" / "corrupt.mp4").write_bytes(os.urandom(4096))
+    (root / "cl ass.a" / "empty.avi").write_bytes(b"")
+    (root / "ünï" / "notes.mkv").write_text("this is not a video")
+    (root / "ünï" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0" + os.urandom(300))
+    bad |= dict.fromkeys(["cl ass.a/corrupt.mp4", "cl ass.a/empty.avi", "ünï/notes.mkv", "ünï/broken.jpg"], "decode")
+    rng = np.random.default_rng(0)
+    images = {
+        "cl ass.a/gray.png": rng.integers(0, 255, (20, 24), dtype=np.uint8),
+        "cl ass.a/rgba img.png": rng.integers(0, 255, (24, 20, 4), dtype=np.uint8),
+        "ünï/deep 16bit.png": rng.integers(0, 65535, (30, 30, 3), dtype=np.uint16),
+        "ünï/plain.x.jpg": rng.integers(0, 255, (18, 40, 3), dtype=np.uint8),
+    }
+    for rel, img in images.items():
+        ok, buf = cv2.imencode(os.path.splitext(rel)[1], img)
+        (root / rel).write_bytes(buf.tobytes())
+    with open(os.path.join(os.fsencode(root), b"cl ass.a", b"latin1 \xe9t\xe9.png"), "wb") as f:  # not UTF-8
+        f.write(cv2.imencode(".png", images["ünï/plain.x.jpg"])[1].tobytes())
+    return good | set(images) | {"cl ass.a/latin1 \udce9t\udce9.png"}, bad
+
+
+def test_awkward_inputs_are_encoded_or_listed(vae_dir, tmp_path):
+    good, bad = _awkward_folder(tmp_path / "data")
+    out = tmp_path / "shards"
+    assert encode(vae_dir, tmp_path / "data", out, "encode.size=16", "encode.clip_len=4", workers=2) == 0
+    failures = {f["relpath"]: f for f in map(json.loads, (out / "failures.jsonl").read_text().splitlines())}
+    assert {k: f["stage"] for k, f in failures.items()} == bad
+    assert all(f["reason"] for f in failures.values())
+    sources = {}
+    for entry in load_manifest(out)["shards"]:
+        with tarfile.open(out / entry["name"]) as tar:
+            for info in tar:
+                if info.name.endswith(".json"):
+                    meta = json.loads(tar.extractfile(info).read())
+                    sources.setdefault(meta["source"], []).append(meta)
+    assert set(sources) == good  # every valid input encoded, nothing else
+    assert len(sources["cl ass.a/my clip.v1.avi"]) == 2 and sources["ünï/deep 16bit.png"][0]["latent_shape"][1] == 1
+    assert sources["cl ass.a/rgba img.png"][0]["orig_size"] == [24, 20]
+    t = load_manifest(out)["totals"]
+    assert t["videos"] + t["images"] + t["failures"] == t["inputs"] == len(good) + len(bad)
+    assert t["video_samples"] == 3 and t["image_samples"] == 5
+    assert verify_cli.main([str(out)]) == 0
+
+
+def test_a_crashing_decoder_process_is_survived(vae_dir, tmp_path, monkeypatch):
+    real = enc.decode_input
+
+    def segfault_on_square(spec, cfg, sc):  # runs in the forked DataLoader worker
+        if spec.relpath.startswith("square/000001"):
+            os.kill(os.getpid(), signal.SIGSEGV)
+        return real(spec, cfg, sc)
+
+    monkeypatch.setattr(enc, "decode_input", segfault_on_square)
+    out = tmp_path / "shards"
+    assert encode(vae_dir, "synthetic", out, *SYNTH, workers=2) == 0
+    fails = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
+    assert [f["relpath"] for f in fails] == ["square/000001"] and "crashed" in fails[0]["reason"]
+    assert load_manifest(out)["totals"]["videos"] == 4 and verify_shards(out).ok
+
+
+def test_clear_errors(vae_dir, tmp_path, capsys):
+    assert encode(tmp_path / "no-vae", "synthetic", tmp_path / "o", *SYNTH) == 2
+    assert "no-vae" in capsys.readouterr().err
+    assert encode(vae_dir, "synthetic", tmp_path / "o", "encode.clip_lenn=3") == 2
+    assert "encode.clip_lenn" in capsys.readouterr().err
+    assert encode(vae_dir, tmp_path / "missing", tmp_path / "o") == 2
+    assert "missing" in capsys.readouterr().err
+    assert verify_cli.main([str(tmp_path / "o")]) == 1
+    assert "manifest not found" in capsys.readouterr().out

@@ -1,0 +1,111 @@
+"""Project-wide rules: DESIGN.md import rules (checked with ast), `--help` on every entry point,
+and no code path that unpickles (safetensors for tensors, weights_only=True for torch.load)."""
+
+import ast
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+LIBS = ("autoencoder", "diffusion", "data")
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), str(path))
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {a.name.split(".")[0] for a in node.names}
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found |= {node.module.split(".")[0], node.module}
+            found |= {f"{node.module}.{a.name}" for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level > 0:
+            mod = path.parent.name if node.level == 1 else None
+            if mod and node.module:
+                found |= {f"{mod}.{node.module}", f"{mod}.{node.module}".split(".")[0]}
+            for a in node.names:
+                found.add(f"{mod}.{a.name}" if mod else a.name)
+    return found
+
+
+@pytest.mark.parametrize("lib", LIBS)
+def test_libraries_do_not_import_each_other_or_scripts(lib):
+    forbidden = {"scripts", *LIBS} - {lib}
+    bad = []
+    for path in (ROOT / lib).rglob("*.py"):
+        hit = {m.split(".")[0] for m in _imports(path)} & forbidden
+        if hit:
+            bad.append(f"{path.relative_to(ROOT)} imports {sorted(hit)}")
+    assert not bad, bad
+
+
+def test_unet_is_network_only():
+    mods = _imports(ROOT / "diffusion" / "unet3d.py")
+    bad = {m for m in mods if any(m.startswith(f"diffusion.{x}") for x in ("process", "sampling", "guidance"))}
+    bad |= {m for m in mods if m in ("process", "sampling", "guidance")}
+    assert not bad, bad
+
+
+def test_samplers_do_not_import_the_network():
+    for name in ("sampling.py", "guidance.py", "process.py", "schedules.py"):
+        mods = _imports(ROOT / "diffusion" / name)
+        assert not {m for m in mods if "unet3d" in m}, name
+
+
+def test_import_checker_catches_a_violation(tmp_path):
+    bad = tmp_path / "data" / "x.py"
+    bad.parent.mkdir()
+    bad.write_text("from autoencoder.model import FrameVAE\nimport diffusion.unet3d\n")
+    assert {"autoencoder", "diffusion"} <= {m.split(".")[0] for m in _imports(bad)}
+
+
+ENTRY_POINTS = sorted(
+    v.split(":")[0] for v in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"].values()
+)
+
+
+def test_every_script_module_is_an_entry_point():
+    modules = {f"scripts.{p.stem}" for p in (ROOT / "scripts").glob("*.py") if p.stem != "__init__"}
+    assert modules == set(ENTRY_POINTS)
+
+
+@pytest.mark.parametrize("module", ENTRY_POINTS)
+def test_help(module):
+    r = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "usage:" in r.stdout
+    if module not in ("scripts.verify_shards", "scripts.benchmark"):
+        assert "--output-dir" in r.stdout
+
+
+def _source_files():
+    for d in (*LIBS, "scripts"):
+        yield from (ROOT / d).rglob("*.py")
+
+
+def test_no_unpickling_anywhere():
+    """torch.load needs weights_only=True; pickle / np.load(allow_pickle=True) never appear."""
+    bad = []
+    for path in _source_files():
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] + [getattr(node, "module", None) or ""]
+                if any(n.split(".")[0] in ("pickle", "dill", "cloudpickle", "joblib") for n in names):
+                    bad.append(f"{path}:{node.lineno} imports a pickle module")
+            if not isinstance(node, ast.Call):
+                continue
+            func = ast.unparse(node.func)
+            kw = {k.arg: ast.unparse(k.value) for k in node.keywords}
+            if func.endswith("torch.load") or func == "load" and "weights_only" in kw:
+                if kw.get("weights_only") != "True":
+                    bad.append(f"{path}:{node.lineno} torch.load without weights_only=True")
+            if func.endswith("np.load") and kw.get("allow_pickle", "False") != "False":
+                bad.append(f"{path}:{node.lineno} np.load with allow_pickle")
+            if func.endswith("np.load") and "allow_pickle" not in kw:
+                bad.append(f"{path}:{node.lineno} np.load without explicit allow_pickle=False")
+    assert not bad, bad
