@@ -185,12 +185,31 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make renames inside `path` durable (no-op where directories cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _write_atomic(path: Path, write) -> None:
     """Call write(tmp_path), fsync, then rename over `path` (a reader never sees a half-written file)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -208,6 +227,7 @@ def _save_export(model: FrameVAE, folder: Path) -> Path:
     target = folder
     if not folder.exists():
         target = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+        os.chmod(target, 0o777 & ~_umask())  # mkdtemp makes 0700
     try:
         weights = target / WEIGHTS_NAME
         _write_atomic(weights, lambda p: save_file(state, p, metadata={"model_type": MODEL_TYPE}))
@@ -222,6 +242,7 @@ def _save_export(model: FrameVAE, folder: Path) -> Path:
         _write_atomic(target / CONFIG_NAME, lambda p: Path(p).write_text(text))
         if target != folder:
             os.replace(target, folder)
+        _fsync_dir(folder.parent)
     finally:
         if target != folder and target.exists():
             shutil.rmtree(target, ignore_errors=True)

@@ -175,15 +175,22 @@ def decode_sample(raw: dict, latent_shape: tuple[int, int, int], frames: int) ->
 
 
 def _to_latent(src, stats: LatentStats, use_mean: bool, seed: int, epoch: int, latent_shape, frames):
+    # numpy, not torch: per-sample math on small arrays is slower with torch's intra-op threads
+    mean_c = stats.mean.astype(np.float32)[:, None, None, None]
+    inv_std_c = (1.0 / stats.std).astype(np.float32)[:, None, None, None]
     for raw in src:
         d = decode_sample(raw, latent_shape, frames)
-        x = torch.from_numpy(d["mean"].astype(np.float32))
+        x = d["mean"].astype(np.float32)
         if not use_mean:  # posterior sample z = mean + exp(logvar / 2) * eps, eps seeded per sample
-            g = torch.Generator().manual_seed(_noise_seed(seed, epoch, d["key"]))
-            std = torch.from_numpy(d["logvar"].astype(np.float32)).mul(0.5).exp()
-            x = x + std * torch.randn(x.shape, generator=g)
+            eps = np.random.default_rng(_noise_seed(seed, epoch, d["key"])).standard_normal(x.shape, np.float32)
+            x = x + np.exp(0.5 * d["logvar"].astype(np.float32)) * eps
         label = d["meta"].get("label")
-        yield {"latent": whiten(x, stats), "label": -1 if label is None else int(label), "key": d["key"], "meta": d["meta"]}
+        yield {
+            "latent": torch.from_numpy((x - mean_c) * inv_std_c),  # whitened, float32 [C, T, h, w]
+            "label": -1 if label is None else int(label),
+            "key": d["key"],
+            "meta": d["meta"],
+        }
 
 
 def collate(samples: list[dict]) -> dict:

@@ -53,8 +53,14 @@ def _pairs(timesteps) -> list[tuple[int, int]]:
     return list(zip(ts, ts[1:] + [-1]))
 
 
+def _randn(shape, generator: torch.Generator | None, device, dtype=torch.float32) -> torch.Tensor:
+    """N(0, I) drawn on the generator's own device (a CPU generator also seeds CUDA runs), then moved."""
+    gen_device = generator.device if generator is not None else device
+    return torch.randn(tuple(shape), generator=generator, device=gen_device, dtype=dtype).to(device)
+
+
 def _noise(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return _randn(x.shape, generator, x.device, x.dtype)
 
 
 def denoise(
@@ -214,7 +220,7 @@ def sample(
         raise ValueError(f"unknown sampler {sampler!r} (expected one of {sorted(SAMPLERS)})")
     timesteps = timesteps_for(steps, len(alphas_cumprod), spacing)
     if x_T is None:
-        x_T = torch.randn(tuple(shape), generator=generator, device=device)
+        x_T = _randn(shape, generator, device)
     extra = {"eta": eta} if sampler == "ddim" else {}
     with tqdm(total=len(timesteps), disable=not progress, desc=sampler) as bar:
 

@@ -87,7 +87,9 @@ def test_lpips_pretrained_without_weights_warns_loudly(tmp_path, monkeypatch, ca
 
 def _vae_and_batch():
     torch.manual_seed(0)
-    vae = FrameVAE(VAEConfig(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, mid_attention=False, norm_groups=4))
+    vae = FrameVAE(
+        VAEConfig(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, mid_attention=False, norm_groups=4)
+    )
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     return vae, x
 
@@ -121,7 +123,9 @@ def test_generator_loss_before_and_after_disc_start():
 
 def test_generator_loss_l2_lpips_and_eval():
     vae, x = _vae_and_batch()
-    loss_fn = _loss(recon="l2", perceptual_weight=1.0, lpips_pretrained=False, lpips_net="alex", kl_weight=0.0)
+    loss_fn = _loss(
+        recon="l2", perceptual_weight=1.0, lpips_pretrained=False, lpips_net="alex", kl_weight=0.0
+    )
     loss_fn.train()
     assert loss_fn.perceptual is not None and not loss_fn.perceptual.training
     recon, q = vae(x)

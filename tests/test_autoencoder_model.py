@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -94,7 +95,9 @@ def test_moments_sampling_and_mode():
 
 
 def test_logvar_is_clamped():
-    q = DiagonalGaussian(torch.zeros(1, 3), torch.tensor([[-100.0, 0.5, 100.0]]), logvar_min=-30, logvar_max=20)
+    q = DiagonalGaussian(
+        torch.zeros(1, 3), torch.tensor([[-100.0, 0.5, 100.0]]), logvar_min=-30, logvar_max=20
+    )
     assert q.logvar.tolist() == [[-30.0, 0.5, 20.0]]
     assert torch.isfinite(q.kl()).all() and torch.isfinite(q.std).all()
     vae = FrameVAE(tiny_config(logvar_min=-1.0, logvar_max=1.5))
@@ -116,6 +119,10 @@ def test_save_load_round_trip(tmp_path):
     vae = _random_model(mid_attention=True)
     folder = vae.save_pretrained(tmp_path / "export")
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert folder.stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's 0700
+    assert (folder / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
     meta = json.loads((folder / "config.json").read_text())
     assert meta["model_type"] == "FrameVAE" and meta["config"]["channel_mult"] == [1, 2, 2]
     digest = hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
@@ -154,7 +161,9 @@ def test_load_missing_and_unexpected_tensors(tmp_path):
     state.pop("decoder.conv_out.bias")
     state["decoder.extra.weight"] = torch.zeros(1)
     save_file(state, folder / "model.safetensors")
-    with pytest.raises(ValueError, match=r"export.*missing: decoder\.conv_out\.bias.*unexpected: decoder\.extra"):
+    with pytest.raises(
+        ValueError, match=r"export.*missing: decoder\.conv_out\.bias.*unexpected: decoder\.extra"
+    ):
         FrameVAE.from_pretrained(folder)
 
 

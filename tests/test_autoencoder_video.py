@@ -11,7 +11,9 @@ from autoencoder import FrameVAE, VAEConfig, decode_video, encode_video, encode_
 @pytest.fixture(scope="module")
 def vae() -> FrameVAE:
     torch.manual_seed(0)
-    cfg = VAEConfig(base_channels=8, channel_mult=(1, 2, 2), num_res_blocks=1, latent_channels=4, norm_groups=4)
+    cfg = VAEConfig(
+        base_channels=8, channel_mult=(1, 2, 2), num_res_blocks=1, latent_channels=4, norm_groups=4
+    )
     return FrameVAE(cfg).eval()
 
 
@@ -31,7 +33,9 @@ def test_chunked_matches_unchunked_and_per_frame(vae):
         frames_all = decode_video(vae, mean3, chunk_size=100)
         assert frames3.shape == video.shape and frames3.is_contiguous()
         torch.testing.assert_close(frames3, frames_all, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(frames3[0, :, 2], vae.decode(mean3[0, :, 2][None])[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            frames3[0, :, 2], vae.decode(mean3[0, :, 2][None])[0], rtol=1e-5, atol=1e-5
+        )
 
 
 def test_single_frame_images(vae):

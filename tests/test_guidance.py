@@ -111,6 +111,13 @@ def test_reconstruction_guidance_implements_eq_7(prediction):
     torch.testing.assert_close(x0[:, 0], x_a.double())
     assert (expected_b - x_hat[:, 1:]).abs().max() > 0.01  # the guidance term is not negligible here
 
+    # without replacement the known frames keep the model's own estimate (no gradient step there)
+    guided = reconstruction_guided(
+        joint_model(COSINE, prediction), known, mask, COSINE, prediction, w, replace=False
+    )
+    x0 = to_x0_eps(prediction, guided(x_t, t), x_t, a, s)[0].flatten(1)
+    torch.testing.assert_close(x0, torch.cat([x_hat[:, :1], expected_b], dim=1))
+
 
 @pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
 def test_reconstruction_guidance_weight_0_without_replacement_is_the_model(prediction):
