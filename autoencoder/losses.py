@@ -151,19 +151,26 @@ class VAELoss(nn.Module):
         if config.recon not in ("l1", "l2"):
             raise ValueError(f"loss.recon must be 'l1' or 'l2', got {config.recon!r}")
         self.config = config
-        self.perceptual = (
+        # frozen LPIPS(x, y) -> [N, 1, 1, 1], or None when perceptual_weight is 0 (also used for validation)
+        self.lpips = (
             build_lpips(config.lpips_pretrained, config.lpips_net) if config.perceptual_weight > 0 else None
         )
         self.discriminator = PatchDiscriminator(disc_in_channels, config.disc_channels, config.disc_layers)
 
     def train(self, mode: bool = True) -> VAELoss:
         super().train(mode)
-        if self.perceptual is not None:
-            self.perceptual.eval()  # LPIPS has dropout in its heads: keep it a fixed metric
+        if self.lpips is not None:
+            self.lpips.eval()  # LPIPS has dropout in its heads: keep it a fixed metric
         return self
 
     def gan_active(self, step: int) -> bool:
         return step >= self.config.disc_start
+
+    def _frozen_discriminator(self, x: torch.Tensor) -> torch.Tensor:
+        """D(x) with detached parameters: gradients reach x (the generator) but never D's own weights,
+        so the generator's backward leaves D's .grad untouched (both losses can share one step)."""
+        params = {name: p.detach() for name, p in self.discriminator.named_parameters()}
+        return torch.func.functional_call(self.discriminator, params, (x,))
 
     def generator_loss(
         self,
@@ -177,7 +184,7 @@ class VAELoss(nn.Module):
         cfg = self.config
         diff = (x - recon).abs() if cfg.recon == "l1" else (x - recon).pow(2)
         rec = diff.mean()
-        p_loss = self.perceptual(x, recon).mean() if self.perceptual is not None else torch.zeros_like(rec)
+        p_loss = self.lpips(x, recon).mean() if self.lpips is not None else torch.zeros_like(rec)
         nll = cfg.recon_weight * rec + cfg.perceptual_weight * p_loss
         kl = posterior.kl().mean()  # per-sample sum over latent dims, averaged over the batch (LDM)
         # LDM sums the pixel terms over C*H*W; we average them, so KL is divided by C*H*W too:
@@ -186,22 +193,29 @@ class VAELoss(nn.Module):
         g_loss = torch.zeros_like(rec)
         d_weight = torch.zeros_like(rec)
         if self.gan_active(step):
-            g_loss = -self.discriminator(recon).mean()
+            g_loss = -self._frozen_discriminator(recon).mean()
             d_weight = adaptive_weight(nll, g_loss, last_layer, cfg.max_adaptive_weight) * cfg.disc_weight
             loss = loss + d_weight * g_loss
         logs = {"loss": loss, "rec": rec, "lpips": p_loss, "kl": kl, "g": g_loss, "d_weight": d_weight}
         return loss, {k: float(v.detach()) for k, v in logs.items()}
 
     def discriminator_loss(
-        self, x: torch.Tensor, recon: torch.Tensor, step: int
+        self, x: torch.Tensor, recon: torch.Tensor, step: int, disc: nn.Module | None = None
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Hinge loss on D(x) vs D(recon) (both detached from the VAE) -> (scalar loss, float logs)."""
+        """Hinge loss on D(x) vs D(recon) (both detached from the VAE) -> (scalar loss, float logs).
+
+        `disc` is the discriminator to call, e.g. its DDP wrapper (default: self.discriminator). It is
+        called exactly once per step (real and fake concatenated; GroupNorm keeps samples independent),
+        as DDP expects one forward per backward.
+        """
+        disc = self.discriminator if disc is None else disc
         if not self.gan_active(step):
-            # exact zero that still touches every parameter (zero grads), so DDP sees no unused params
-            zero = sum(p.sum() for p in self.discriminator.parameters()) * 0.0
+            # exact zero that still runs D and reaches every parameter (zero grads): DDP sees no unused params
+            zero = disc(x[:1].detach()).mean() * 0.0
             return zero, {"d_loss": 0.0, "logits_real": 0.0, "logits_fake": 0.0}
-        logits_real = self.discriminator(x.detach())
-        logits_fake = self.discriminator(recon.detach())
+        n = x.shape[0]
+        logits = disc(torch.cat([x.detach(), recon.detach()]))  # [2N, 1, h', w']
+        logits_real, logits_fake = logits[:n], logits[n:]
         loss = hinge_d_loss(logits_real, logits_fake)
         logs = {"d_loss": loss, "logits_real": logits_real.mean(), "logits_fake": logits_fake.mean()}
         return loss, {k: float(v.detach()) for k, v in logs.items()}

@@ -345,7 +345,8 @@ def load_autoencoder(folder: Path, device) -> tuple[FrameVAE, dict]:
         raise ConfigError(f"--autoencoder {folder}: folder not found (expected a FrameVAE export: config.json + model.safetensors)")
     try:
         vae = FrameVAE.from_pretrained(folder, map_location=device)
-        info = {"config": vae.config.to_dict(), "weights_sha256": weights_hash(folder)}
+        info = {"config": vae.config.to_dict(), "weights_sha256": weights_hash(folder),
+                "path": str(folder.resolve())}
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(f"--autoencoder {folder}: {e}") from None
     return vae, info

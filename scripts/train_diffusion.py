@@ -217,10 +217,11 @@ def train(args) -> None:  # noqa: C901 - the loop is kept in one place on purpos
                         "model_config": cfg.model.to_dict(), "diffusion_config": cfg.diffusion.to_dict()})
 
     bar = tqdm(total=tc.max_steps, initial=step, disable=not acc.is_main_process, desc="diffusion")
-    t_last, samples_since, logs = time.time(), 0, {}
+    t_last, samples_since, logs, fps = time.time(), 0, {}, None
     while step < tc.max_steps:
         vb = next(videos)
         ib = next(images) if images is not None else None
+        fps = fps or vb["meta"][0].get("fps")
         logs = train_step(acc, model, diffusion, opt, sched, guard, cfg, vb, ib, step)
         if logs is None:
             continue
@@ -244,7 +245,7 @@ def train(args) -> None:  # noqa: C901 - the loop is kept in one place on purpos
     bar.close()
     if acc.is_main_process:
         save_diffusion_export(out / "export", ema.averaged_model(raw).cpu(), cfg.model, cfg.diffusion, manifest,
-                              Path(cfg.data.shards))
+                              Path(cfg.data.shards), fps=fps)
         acc.print(f"exported EMA weights to {out / 'export'}")
     acc.wait_for_everyone()
     acc.end_training()
@@ -321,7 +322,7 @@ def periodic_samples(cfg, ema, raw, manifest, out_dir, step, device):
     stats = json.loads((Path(cfg.data.shards) / "stats.json").read_text())
     sample_and_save(model, cfg.model, cfg.diffusion, latent_shape=manifest["latent_shape"],
                     frames=manifest["clip_len"], class_names=list(manifest.get("labels") or []), stats=stats,
-                    fps=(manifest.get("encoding") or {}).get("fps_out") or 8.0, out_dir=out_dir,
+                    fps=8.0, out_dir=out_dir,
                     tag=f"step{step:07d}", num=cfg.sample.num, steps=cfg.sample.steps, sampler=cfg.sample.sampler,
                     guidance_scale=cfg.sample.guidance_scale, autoencoder=cfg.sample.autoencoder or None,
                     seed=cfg.train.seed)

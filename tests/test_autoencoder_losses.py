@@ -119,6 +119,10 @@ def test_generator_loss_before_and_after_disc_start():
     g = -loss_fn.discriminator(recon).mean()
     assert logs["g"] == pytest.approx(g.item())
     assert loss.item() == pytest.approx(expected.item() + logs["d_weight"] * logs["g"], rel=1e-5)
+    # the GAN term trains the generator only: D's weights get no gradient from the generator loss
+    params = list(loss_fn.discriminator.parameters())
+    grads = torch.autograd.grad(loss, [recon, *params], allow_unused=True)
+    assert grads[0].abs().sum() > 0 and all(g is None for g in grads[1:])
 
 
 def test_generator_loss_l2_lpips_and_eval():
@@ -127,7 +131,7 @@ def test_generator_loss_l2_lpips_and_eval():
         recon="l2", perceptual_weight=1.0, lpips_pretrained=False, lpips_net="alex", kl_weight=0.0
     )
     loss_fn.train()
-    assert loss_fn.perceptual is not None and not loss_fn.perceptual.training
+    assert loss_fn.lpips is not None and not loss_fn.lpips.training
     recon, q = vae(x)
     loss, logs = loss_fn.generator_loss(x, recon, q, step=0, last_layer=None)
     assert logs["lpips"] > 0
@@ -139,18 +143,33 @@ def test_generator_loss_l2_lpips_and_eval():
         _loss(recon="huber")
 
 
+class CountingWrapper(torch.nn.Module):
+    """Stands in for a DDP wrapper: counts forward calls (DDP wants one forward per backward)."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.module, self.calls = module, 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.module(x)
+
+
 def test_discriminator_loss_before_and_after_disc_start():
     vae, x = _vae_and_batch()
     loss_fn = _loss()
     recon, _ = vae(x)
-    loss, logs = loss_fn.discriminator_loss(x, recon, step=3)
+    wrapper = CountingWrapper(loss_fn.discriminator)
+    loss, logs = loss_fn.discriminator_loss(x, recon, step=3, disc=wrapper)
+    assert wrapper.calls == 1
     assert loss.item() == 0.0 and logs["d_loss"] == 0.0
     loss.backward()  # graph-connected: every discriminator parameter gets a (zero) gradient
     params = list(loss_fn.discriminator.parameters())
     assert all(p.grad is not None and torch.all(p.grad == 0) for p in params)
     assert vae.last_layer_weight().grad is None
 
-    loss, logs = loss_fn.discriminator_loss(x, recon, step=10)
+    loss, logs = loss_fn.discriminator_loss(x, recon, step=10, disc=wrapper)
+    assert wrapper.calls == 2
     d = loss_fn.discriminator
     torch.testing.assert_close(loss, hinge_d_loss(d(x), d(recon.detach())))
     assert logs["logits_real"] == pytest.approx(d(x).mean().item())

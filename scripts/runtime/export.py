@@ -22,7 +22,7 @@ FORMAT_VERSION = 1
 
 
 def save_diffusion_export(folder: Path, model: UNet3D, unet_cfg: UNetConfig, diff_cfg: DiffusionConfig,
-                          manifest: dict, shards: Path | None = None) -> Path:
+                          manifest: dict, shards: Path | None = None, fps: float | None = None) -> Path:
     """Write the export; an existing export at `folder` is replaced only once the new one is complete."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -39,7 +39,7 @@ def save_diffusion_export(folder: Path, model: UNet3D, unet_cfg: UNetConfig, dif
             "latent": {
                 "shape": manifest.get("latent_shape"),  # [C, h, w]
                 "clip_len": manifest.get("clip_len"),
-                "fps": (manifest.get("encoding") or {}).get("fps_out"),
+                "fps": fps,  # frame rate of the training clips (after the encoder's stride)
                 "stats": stats,
             },
             "class_names": list(manifest.get("labels") or []),
