@@ -4,10 +4,10 @@ and no code path that unpickles (safetensors for tensors, weights_only=True for 
 import ast
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 LIBS = ("autoencoder", "diffusion", "data")
