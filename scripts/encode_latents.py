@@ -37,6 +37,7 @@ from data.transforms import resize_and_crop, to_tensor
 from data.video_io import read_image, read_video
 from scripts.runtime.cli import build_parser, resolve_config, run_main
 from scripts.runtime.config import ConfigError, config_to_dict
+from scripts.runtime.training import limit_cpu_threads
 
 
 @dataclass
@@ -367,6 +368,7 @@ def run(args) -> dict:
     run_cfg = resolve_config(EncodeRunConfig, args)
     cfg, out = run_cfg.encode, Path(args.output_dir)
     acc = Accelerator()
+    limit_cpu_threads(cfg.num_workers, acc.device)
     vae, ae_info = load_autoencoder(args.autoencoder, acc.device)
     if args.data == "synthetic":
         specs, class_names = synthetic_specs(run_cfg.synthetic)

@@ -33,7 +33,9 @@ from scripts.runtime.training import (
     NonFiniteGuard,
     TrainingStopped,
     injected_nonfinite,
+    limit_cpu_threads,
     make_accelerator,
+    seed_init,
     seed_step,
     warmup_lambda,
 )
@@ -113,8 +115,10 @@ def train(args) -> None:  # noqa: C901 - the loop is kept in one place on purpos
     if acc.is_main_process:
         save_config(cfg, out / "config.yaml")
     device = acc.device
+    limit_cpu_threads(tc.num_workers, device)
 
     train_set, val_images, val_clips = build_datasets(cfg)
+    seed_init(tc.seed)  # initial weights and the (uncheckpointed) LPIPS backbone depend on the seed only
     model = FrameVAE(cfg.model)
     criterion = VAELoss(cfg.loss).to(device)
     disc = criterion.discriminator

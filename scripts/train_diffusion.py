@@ -35,7 +35,9 @@ from scripts.runtime.training import (
     NonFiniteGuard,
     TrainingStopped,
     injected_nonfinite,
+    limit_cpu_threads,
     make_accelerator,
+    seed_init,
     seed_step,
     warmup_lambda,
 )
@@ -171,7 +173,9 @@ def train(args) -> None:  # noqa: C901 - the loop is kept in one place on purpos
     if acc.is_main_process:
         save_config(cfg, out / "config.yaml")
     device = acc.device
+    limit_cpu_threads(tc.num_workers, device)
 
+    seed_init(tc.seed)  # initial weights depend on the seed only (same on every run and rank)
     model = UNet3D(cfg.model)
     diffusion = GaussianDiffusion(cfg.diffusion)
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
