@@ -112,8 +112,6 @@ def train(args) -> None:  # noqa: C901 - the loop is kept in one place on purpos
     cfg = resolve_config(AutoencoderRunConfig, args, write=False)
     tc = cfg.train
     acc = make_accelerator(tc, out)
-    if acc.is_main_process:
-        save_config(cfg, out / "config.yaml")
     device = acc.device
     limit_cpu_threads(tc.num_workers, device)
 
@@ -150,8 +148,10 @@ def train(args) -> None:  # noqa: C901 - the loop is kept in one place on purpos
             acc.scaler.load_state_dict(objects["scaler"])
         guard.load_state_dict(meta["guard"])
         step, epoch, batch_in_epoch = meta["step"], meta["data"]["epoch"], meta["data"]["batch"]
-        metrics.truncate_after(step)
         acc.print(f"resumed from {latest} at step {step}")
+    metrics.truncate_after(step)  # also drops the lines of a run that died before its first checkpoint
+    if acc.is_main_process:  # after the resume checks: a refused run leaves the run's config.yaml alone
+        save_config(cfg, out / "config.yaml")
     if tc.tensorboard:
         acc.init_trackers("train_autoencoder")
 
@@ -224,7 +224,7 @@ def train_step(acc, model, disc, raw_model, criterion, opt, opt_d, sched, sched_
             recon, posterior = model(x, sample_posterior=True, generator=g)
             # the discriminator is called with detached parameters here, so this loss gives it no gradient
             loss, logs = criterion.generator_loss(x, recon, posterior, step, raw_model.last_layer_weight())
-        if injected_nonfinite(step):
+        if injected_nonfinite(step + 1):
             loss = loss * float("nan")
         acc.backward(loss)
         with acc.autocast():
@@ -234,7 +234,7 @@ def train_step(acc, model, disc, raw_model, criterion, opt, opt_d, sched, sched_
             return None
         norm = float(acc.clip_grad_norm_(model.parameters(), tc.grad_clip))
         norm_d = float(acc.clip_grad_norm_(disc.parameters(), tc.grad_clip))
-        ok = guard.check(norm if math.isfinite(norm_d) else norm_d, step)
+        ok = guard.check(norm if math.isfinite(norm_d) else norm_d, step + 1)
         if ok:
             opt.step()
             opt_d.step()

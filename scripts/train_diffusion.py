@@ -10,7 +10,9 @@ logs DIR/metrics.jsonl, samples every `sample.every` steps, exports EMA weights 
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -170,8 +172,6 @@ def train(args) -> None:  # noqa: C901 - the loop is kept in one place on purpos
     cfg = resolve_model_config(cfg, manifest)
     tc = cfg.train
     acc = make_accelerator(tc, out)
-    if acc.is_main_process:
-        save_config(cfg, out / "config.yaml")
     device = acc.device
     limit_cpu_threads(tc.num_workers, device)
 
@@ -201,8 +201,11 @@ def train(args) -> None:  # noqa: C901 - the loop is kept in one place on purpos
             acc.scaler.load_state_dict(objects["scaler"])
         guard.load_state_dict(meta["guard"])
         step, data_state = meta["step"], meta["data"]
-        metrics.truncate_after(step)
         acc.print(f"resumed from {latest} at step {step}")
+    metrics.truncate_after(step)  # also drops the lines of a run that died before its first checkpoint
+    if acc.is_main_process:  # after the resume checks: a refused run leaves the run's config.yaml alone
+        save_config(cfg, out / "config.yaml")
+    debug_hashes, debug_keys = debug_logs(out, acc.process_index, step)
     video_loader, image_loader = make_loaders(cfg, acc, data_state)
     videos = forever(video_loader)
     images = forever(image_loader) if image_loader is not None else None
@@ -225,12 +228,15 @@ def train(args) -> None:  # noqa: C901 - the loop is kept in one place on purpos
     while step < tc.max_steps:
         vb = next(videos)
         ib = next(images) if images is not None else None
+        debug_keys.write({"step": step + 1, "epoch": video_loader.epoch, "keys": vb["key"]})
         fps = fps or vb["meta"][0].get("fps")
         logs = train_step(acc, model, diffusion, opt, sched, guard, cfg, vb, ib, step)
         if logs is None:
             continue
         ema.update(raw)
         step += 1
+        if debug_hashes.enabled:
+            debug_hashes.write({"step": step, "sha256": param_hash(raw)})
         samples_since += logs.pop("samples") * acc.num_processes
         bar.update(1)
         if step % tc.log_every == 0 or step == tc.max_steps:
@@ -276,7 +282,7 @@ def train_step(acc, model, diffusion, opt, sched, guard, cfg, vb, ib, step):
             with acc.no_sync(model), acc.autocast():
                 out = diffusion.training_losses(model, x_img, model_kwargs=_kw(labels, device), generator=g)
                 loss_img = out["loss"].sum() / total
-            acc.backward(_poison(loss_img, step))
+            acc.backward(_poison(loss_img, step + 1))
             logs["loss_image"] = out["loss"].mean().item()
         cond_mask, loss_mask = frame_conditioning(x_vid, cc, g)
         labels = labels_with_dropout(vb["label"], cfg.model.num_classes, cc.class_dropout, g)
@@ -286,18 +292,38 @@ def train_step(acc, model, diffusion, opt, sched, guard, cfg, vb, ib, step):
         with acc.autocast():
             out = diffusion.training_losses(model, x_vid, model_kwargs=kwargs, frame_mask=loss_mask, generator=g)
             loss_vid = out["loss"].sum() / total
-        acc.backward(_poison(loss_vid, step))
+        acc.backward(_poison(loss_vid, step + 1))
         logs["loss_video"] = out["loss"].mean().item()
         if not acc.sync_gradients:
             return None
         norm = float(acc.clip_grad_norm_(model.parameters(), tc.grad_clip))
-        ok = guard.check(norm, step)
+        ok = guard.check(norm, step + 1)
         if ok:
             opt.step()
             sched.step()
         opt.zero_grad(set_to_none=True)
     loss = loss_vid.item() + (loss_img.item() if ib is not None else 0.0)
     return {"loss": loss, "grad_norm": norm, "skipped": int(not ok), **logs}
+
+
+def debug_logs(out: Path, rank: int, step: int) -> tuple[MetricsLog, MetricsLog]:
+    """Debug hooks for the multi-process tests, off unless set in the environment: with
+    LVD_DEBUG_PARAM_HASH=1 every rank appends {step, sha256 of its parameters} after each optimizer
+    step to DIR/param-hash-rank{R}.jsonl; with LVD_DEBUG_SAMPLE_KEYS=1 the keys of every video
+    batch it trains on to DIR/sample-keys-rank{R}.jsonl. Lines after a resumed step are dropped."""
+    logs = []
+    for env, name in (("LVD_DEBUG_PARAM_HASH", "param-hash"), ("LVD_DEBUG_SAMPLE_KEYS", "sample-keys")):
+        log_ = MetricsLog(out / f"{name}-rank{rank}.jsonl", enabled=os.environ.get(env, "") not in ("", "0"))
+        log_.truncate_after(step)
+        logs.append(log_)
+    return logs[0], logs[1]
+
+
+def param_hash(model) -> str:
+    h = hashlib.sha256()
+    for p in model.parameters():
+        h.update(p.detach().cpu().numpy().tobytes())
+    return h.hexdigest()
 
 
 def _kw(labels, device):

@@ -52,3 +52,16 @@ def _few_threads():
 
     torch.set_num_threads(2)
     yield
+
+
+# ----------------------------------------------------------------------------- end-to-end fixtures
+
+
+@pytest.fixture(scope="session")
+def pipeline(tmp_path_factory):
+    """Built once per session and shared by the script-level tests (treat it as read-only):
+    8 synthetic mp4s (3 classes, 16 frames of 32x32), a tiny FrameVAE trained 2 steps and its
+    export, and video-only latent shards of it (16 clips of 8 frames, latents [4, 8, 8, 8])."""
+    from helpers import build_pipeline
+
+    return build_pipeline(tmp_path_factory.mktemp("pipeline"))

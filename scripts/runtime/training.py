@@ -162,7 +162,8 @@ class NonFiniteGuard:
 
 
 def injected_nonfinite(step: int) -> bool:
-    """Fault injection for the reliability tests: LVD_FAULT_NAN_STEPS="3,4" poisons those steps."""
+    """Fault injection for the reliability tests: LVD_FAULT_NAN_STEPS="3,4" poisons those steps
+    (1-based, the step numbers of metrics.jsonl)."""
     spec = os.environ.get("LVD_FAULT_NAN_STEPS", "")
     return str(step) in {s.strip() for s in spec.split(",") if s.strip()}
 
