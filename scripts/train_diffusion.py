@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from autoencoder.model import weights_hash
 from data.errors import BadInputError
 from data.latents import make_latent_loader
 from data.shards import ShardError, load_manifest
@@ -116,7 +117,8 @@ def make_loaders(cfg, acc, state: dict | None):
     tc, dc = cfg.train, cfg.data
     kinds = {e["kind"] for e in load_manifest(dc.shards)["shards"]}
     common = dict(seed=tc.seed, use_mean=dc.use_posterior_mean, rank=acc.process_index, world_size=acc.num_processes,
-                  shuffle_buffer=dc.shuffle_buffer, num_workers=tc.num_workers, drop_last=True)
+                  shuffle_buffer=dc.shuffle_buffer, num_workers=tc.num_workers, drop_last=True,
+                  expected_autoencoder_hash=expected_autoencoder(cfg))
     video = make_latent_loader(dc.shards, kind="video", batch_size=tc.batch_size, **common)
     images, n_img = None, int(round(dc.image_ratio * tc.batch_size))
     if n_img > 0:
@@ -130,6 +132,17 @@ def make_loaders(cfg, acc, state: dict | None):
         if loader is not None and len(loader) == 0:
             raise ShardError(f"{dc.shards}: not one full {what} batch per process; lower train.batch_size")
     return video, images
+
+
+def expected_autoencoder(cfg) -> str | None:
+    """The weights hash of `sample.autoencoder`, when set: the shards must have been encoded by it
+    (checked at start-up, rather than decoding periodic samples with the wrong VAE)."""
+    if not cfg.sample.autoencoder:
+        return None
+    try:
+        return weights_hash(cfg.sample.autoencoder)
+    except FileNotFoundError as e:
+        raise ConfigError(f"sample.autoencoder: {e}") from None
 
 
 def forever(loader):

@@ -46,12 +46,15 @@ def _no_network(monkeypatch):
     yield
 
 
-@pytest.fixture(autouse=True, scope="session")
+@pytest.fixture(autouse=True)
 def _few_threads():
+    """Two intra-op threads for every test, restored after each: scripts run in-process may change
+    the count (encode_latents leaves a core per DataLoader worker), and float results depend on it."""
     import torch
 
     torch.set_num_threads(2)
     yield
+    torch.set_num_threads(2)
 
 
 # ----------------------------------------------------------------------------- end-to-end fixtures
@@ -61,7 +64,7 @@ def _few_threads():
 def pipeline(tmp_path_factory):
     """Built once per session and shared by the script-level tests (treat it as read-only):
     8 synthetic mp4s (3 classes, 16 frames of 32x32), a tiny FrameVAE trained 2 steps and its
-    export, and video-only latent shards of it (16 clips of 8 frames, latents [4, 8, 8, 8])."""
+    export, and video-only latent shards of it (2 shards, 16 clips of 8 frames, latents [4, 8, 8, 8])."""
     from helpers import build_pipeline
 
     return build_pipeline(tmp_path_factory.mktemp("pipeline"))

@@ -35,14 +35,15 @@ def build_pipeline(root: Path) -> Pipeline:
                                    "--max-steps", "2", "data.frames_per_video=2"]) == 0  # fmt: skip
     assert encode_latents.main(["--autoencoder", str(vae_run / "export"), "--data", str(data),
                                 "--output-dir", str(shards), "--config", str(ENCODE_DEMO),
-                                "encode.num_workers=0"]) == 0  # fmt: skip
+                                "encode.num_workers=0", "encode.videos_per_shard=4"]) == 0  # fmt: skip
     return Pipeline(data=data, vae=vae_run / "export", shards=shards)
 
 
 def script_env(**extra: str) -> dict:
-    """The test process's environment minus fault/debug switches, plus `extra`."""
+    """The test process's environment minus fault/debug switches, plus `extra`. One intra-op thread:
+    on a shared 2-core machine, 2 OpenMP threads per process spin against any other load (10x slower)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LVD_FAULT_", "LVD_DEBUG_"))}
-    env.update({"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", **extra})
+    env.update({"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **extra})
     return env
 
 

@@ -80,15 +80,38 @@ def test_rerun_is_byte_identical_and_resumes_after_interruption(vae_dir, tmp_pat
     (b / "video-000001.tar").rename(b / "video-000001.tar.tmp")  # killed between write and rename
     (b / "video-000002.tar").write_bytes(b"half a shard")  # or a torn file
     (b / "manifest.json").unlink()
-    assert encode(vae_dir, "synthetic", b, *SYNTH, workers=2) == 0  # decoding in workers: same bytes
+    assert encode(vae_dir, "synthetic", b, *SYNTH) == 0
     assert "3 shards; 1 complete already" in capsys.readouterr().out
     again = files(b)
     assert again.keys() == first.keys()  # the .tmp was rewritten and renamed
-    assert [k for k in first if again[k] != first[k]] == ["config.yaml"]  # it records --num-workers
+    assert [k for k in first if again[k] != first[k]] == []
     assert verify_shards(b).ok
+    # decoding in worker processes: the same samples in the same shards. Not byte-identical in
+    # general: the main process then runs fewer intra-op threads, which changes float rounding.
+    c = tmp_path / "c"
+    assert encode(vae_dir, "synthetic", c, *SYNTH, workers=2) == 0
+    for name in ("video-000000.tar", "video-000001.tar", "video-000002.tar"):
+        x, y = _members(a / name), _members(c / name)
+        assert x.keys() == y.keys()
+        for k in x:
+            if k.endswith(".npy"):
+                np.testing.assert_allclose(_npy(x[k]), _npy(y[k]), atol=2e-3, rtol=2e-3)
+            else:
+                assert x[k] == y[k], k
     # other settings in the same folder: refuse instead of mixing shards
     assert encode(vae_dir, "synthetic", b, *SYNTH, "encode.clip_len=2") == 2
     assert "different encoding settings" in capsys.readouterr().err
+
+
+def _members(path):
+    with tarfile.open(path) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+
+
+def _npy(data):
+    import io
+
+    return np.load(io.BytesIO(data), allow_pickle=False).astype(np.float32)
 
 
 def _video(path, frames, size=(40, 30), fourcc="MJPG"):

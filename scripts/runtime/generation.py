@@ -104,12 +104,16 @@ def un_whiten(latent: torch.Tensor, stats: dict | None) -> torch.Tensor:
 
 @torch.no_grad()
 def decode_to_uint8(vae, latents: torch.Tensor, chunk_size: int = 8, device="cpu") -> np.ndarray:
-    """Un-whitened latents [N,C,T,h,w] -> uint8 frames [N,T,H,W,3], decoded frame-chunk by chunk."""
+    """Un-whitened latents [N,C,T,h,w] -> uint8 frames [N,T,H,W,3], decoded frame-chunk by chunk.
+
+    One sample at a time: the convolutions then see the same batch shapes whether a latent is
+    decoded alone (scripts.decode_latents) or with others (scripts.sample), so both give the same
+    bytes (kernels may round differently for different batch sizes)."""
     from autoencoder.video import decode_video
     from data.transforms import to_uint8
 
-    video = decode_video(vae, latents.to(device), chunk_size=chunk_size).clamp(-1, 1).cpu()
-    return to_uint8(video)
+    out = [decode_video(vae, z[None].to(device), chunk_size=chunk_size).clamp(-1, 1).cpu() for z in latents]
+    return np.concatenate([to_uint8(v) for v in out])
 
 
 def write_outputs(frames: np.ndarray, stem: Path, fps: float, formats=("mp4",), upscale: int = 1) -> list[Path]:

@@ -1,0 +1,133 @@
+"""scripts.sample and scripts.decode_latents from the command line (in-process main) on a tiny
+trained diffusion export: latent files with metadata, H.264 mp4 with the asked frame count,
+extension past the training clip length, frame prediction keeping the given frames, and clear
+refusals of a foreign autoencoder or an autoencoder export passed as the diffusion model."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from helpers import DIFF_TINY
+
+from autoencoder.config import VAEConfig
+from autoencoder.model import FrameVAE, weights_hash
+from autoencoder.video import decode_video, encode_video
+from data.transforms import resize_and_crop, to_tensor
+from data.video_io import read_image, read_video, video_codec, video_info
+from scripts import decode_latents, sample, train_diffusion
+from scripts.runtime.generation import load_latent_file, un_whiten
+
+FAST = ["--steps", "2", "--sampler", "ddim"]
+
+
+@pytest.fixture(scope="module")
+def export(pipeline, tmp_path_factory):
+    out = tmp_path_factory.mktemp("diff") / "run"
+    argv = ["--config", str(DIFF_TINY), "--shards", str(pipeline.shards), "--output-dir", str(out), "--max-steps", "2"]
+    assert train_diffusion.main(argv) == 0
+    return out / "export"
+
+
+@pytest.fixture(scope="module")
+def samples(pipeline, export, tmp_path_factory):
+    """3 samples of 12 frames (the model was trained on 8-frame clips: extension), decoded to mp4."""
+    out = tmp_path_factory.mktemp("samples")
+    argv = ["--checkpoint", str(export), "--num-samples", "3", "--frames", "12", "--autoencoder", str(pipeline.vae),
+            "--format", "mp4", "--output-dir", str(out), *FAST]  # fmt: skip
+    assert sample.main(argv) == 0
+    return out
+
+
+def test_sample_writes_latents_with_metadata_and_h264_mp4(pipeline, samples):
+    files = sorted(samples.glob("*.safetensors"))
+    assert [f.stem for f in files] == ["sample-000-circle", "sample-001-square", "sample-002-triangle"]
+    stats = json.loads((pipeline.shards / "stats.json").read_text())
+    for i, f in enumerate(files):
+        latent, meta = load_latent_file(f)
+        assert latent.shape == (4, 12, 8, 8) and torch.isfinite(latent).all()
+        assert meta["stats"] == stats and meta["autoencoder_sha256"] == weights_hash(pipeline.vae)
+        assert meta["frames"] == 12 and meta["label"] == i and meta["fps"] > 0
+        mp4 = f.with_suffix(".mp4")
+        assert video_codec(mp4) == "h264"
+        info = video_info(mp4)
+        assert (info["num_frames"], info["height"], info["width"]) == (12, 32, 32)
+
+
+def test_sample_is_reproducible_and_extension_keeps_the_first_window(pipeline, export, samples, tmp_path):
+    # same seed, 8 frames (one window): the 12-frame samples' first 8 frames are this window
+    argv = ["--checkpoint", str(export), "--num-samples", "3", "--frames", "8", "--output-dir", str(tmp_path),
+            "--autoencoder", str(pipeline.vae), "--format", "png", *FAST]  # fmt: skip
+    assert sample.main(argv) == 0
+    short, _ = load_latent_file(tmp_path / "sample-001-square.safetensors")
+    long, _ = load_latent_file(samples / "sample-001-square.safetensors")
+    assert short.shape[1] == 8
+    torch.testing.assert_close(long[:, :8], short)
+    assert len(list((tmp_path / "sample-001-square-frames").glob("*.png"))) == 8
+
+
+def test_init_video_known_frames_are_kept_exactly(pipeline, export, tmp_path):
+    video = sorted(pipeline.data.rglob("*.mp4"))[0]
+    k = 3
+    argv = ["--checkpoint", str(export), "--num-samples", "2", "--frames", "8", "--init-video", str(video),
+            "--known-frames", str(k), "--method", "condition", "--autoencoder", str(pipeline.vae),
+            "--output-dir", str(tmp_path), *FAST]  # fmt: skip
+    assert sample.main(argv) == 0
+    # the whitened encoding of the init video's first k frames, computed here independently
+    vae = FrameVAE.from_pretrained(pipeline.vae)
+    frames, _ = read_video(video, num_frames=k)
+    with torch.no_grad():
+        mean, _ = encode_video(vae, to_tensor(resize_and_crop(frames, 32))[None], chunk_size=8)
+    stats = json.loads((pipeline.shards / "stats.json").read_text())
+    m, s = (torch.tensor(stats[n]).view(1, -1, 1, 1, 1) for n in ("mean", "std"))
+    given = ((mean - m) / s)[0]
+    files = sorted(tmp_path.glob("*.safetensors"))
+    assert len(files) == 2
+    for f in files:
+        latent, meta = load_latent_file(f)
+        assert meta["known_frames"] == k and latent.shape == (4, 8, 8, 8)
+        torch.testing.assert_close(latent[:, :k], given, rtol=0, atol=1e-6)
+        assert not torch.allclose(latent[:, k], given[:, -1])  # the rest is generated
+
+
+def test_decode_folder_writes_mp4_with_the_right_frame_count(pipeline, samples, tmp_path):
+    argv = ["--autoencoder", str(pipeline.vae), "--latents", str(samples), "--output-dir", str(tmp_path)]
+    assert decode_latents.main(argv) == 0
+    mp4s = sorted(tmp_path.glob("*.mp4"))
+    assert [p.stem for p in mp4s] == [p.stem for p in sorted(samples.glob("*.safetensors"))]
+    for p in mp4s:
+        assert video_codec(p) == "h264" and video_info(p)["num_frames"] == 12
+    # the decoded frames are the VAE's decode of the un-whitened latents with the recorded statistics.
+    # Compared losslessly (PNG frames): two H.264 encodings of frames a uint8 level apart here and
+    # there (CPU kernels may round the last float bit differently between runs) differ by several
+    # levels on this noise-like 32x32 content, so mp4s are not compared with each other.
+    f = sorted(samples.glob("*.safetensors"))[0]
+    argv = ["--autoencoder", str(pipeline.vae), "--latents", str(f), "--output-dir", str(tmp_path / "png"), "--format", "png"]
+    assert decode_latents.main(argv) == 0
+    latent, meta = load_latent_file(f)
+    vae = FrameVAE.from_pretrained(pipeline.vae)
+    with torch.no_grad():
+        want = decode_video(vae, un_whiten(latent, meta["stats"])[None]).clamp(-1, 1)[0]
+    want = ((want.permute(1, 2, 3, 0).numpy() + 1) * 127.5)
+    got = np.stack([read_image(q) for q in sorted((tmp_path / "png" / f"{f.stem}-frames").glob("*.png"))])
+    assert got.shape == (12, 32, 32, 3) and np.abs(got - want).max() <= 1.0
+
+
+def test_decode_refuses_latents_of_another_autoencoder(pipeline, samples, tmp_path, capsys):
+    torch.manual_seed(123)
+    cfg = VAEConfig(base_channels=16, channel_mult=(1, 2, 2), num_res_blocks=1, latent_channels=4,
+                    mid_attention=False, norm_groups=8)  # fmt: skip
+    other = FrameVAE(cfg).save_pretrained(tmp_path / "other-vae")
+    argv = ["--autoencoder", str(other), "--latents", str(samples), "--output-dir", str(tmp_path / "out")]
+    assert decode_latents.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "autoencoder" in err and weights_hash(other)[:12] in err and "Traceback" not in err
+    assert not list((tmp_path / "out").glob("*.mp4"))
+
+
+def test_sample_refuses_an_autoencoder_export_as_checkpoint(pipeline, tmp_path, capsys):
+    argv = ["--checkpoint", str(pipeline.vae), "--num-samples", "1", "--output-dir", str(tmp_path), *FAST]
+    assert sample.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "autoencoder export" in err and str(pipeline.vae) in err
+    assert not list(tmp_path.glob("*.safetensors"))
