@@ -5,6 +5,7 @@ import os
 import shutil
 import signal
 import tarfile
+from fractions import Fraction
 
 import cv2
 import numpy as np
@@ -148,16 +149,66 @@ def _awkward_folder(root):
         (root / rel).write_bytes(buf.tobytes())
     with open(os.path.join(os.fsencode(root), b"cl ass.a", b"latin1 \xe9t\xe9.png"), "wb") as f:  # not UTF-8
         f.write(cv2.imencode(".png", images["ünï/plain.x.jpg"])[1].tobytes())
-    return good | set(images) | {"cl ass.a/latin1 \udce9t\udce9.png"}, bad
+    good.add("cl ass.a/latin1 \udce9t\udce9.png")
+    # a single-frame video (shorter than a clip), a variable-frame-rate mp4, tiny and very large frames
+    _video(root / "ünï" / "one frame.avi", 1)
+    bad["ünï/one frame.avi"] = "clips"
+    _vfr_mp4(root / "cl ass.a" / "vfr.mp4", [0, 40, 200, 240, 600, 640, 660])
+    _video(root / "cl ass.a" / "tiny.avi", 5, size=(6, 4))
+    (root / "ünï" / "huge.png").write_bytes(cv2.imencode(".png", rng.integers(0, 255, (2160, 3840, 3), dtype=np.uint8))[1])
+    good |= {"cl ass.a/vfr.mp4", "cl ass.a/tiny.avi", "ünï/huge.png"}
+    # a file the OS refuses to open (see _refuse_locked), a symlink loop and a dangling link (skipped)
+    _video(root / "ünï" / "locked.avi", 6)
+    bad["ünï/locked.avi"] = "decode"
+    os.symlink(root, root / "cl ass.a" / "loop")
+    os.symlink(root / "gone.mp4", root / "ünï" / "dangling.mp4")
+    return good | set(images), bad
 
 
-def test_awkward_inputs_are_encoded_or_listed(vae_dir, tmp_path):
+def _vfr_mp4(path, pts_ms):
+    """H.264 mp4 whose frames are unevenly spaced in time (timestamps in ms)."""
+    import av
+
+    rng = np.random.default_rng(1)
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 32, 24, "yuv420p"
+        stream.codec_context.time_base = Fraction(1, 1000)
+        for pts in pts_ms:
+            frame = av.VideoFrame.from_ndarray(rng.integers(0, 255, (24, 32, 3), dtype=np.uint8), format="rgb24")
+            frame.pts, frame.time_base = pts, Fraction(1, 1000)
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode())
+
+
+def _refuse_locked(monkeypatch):
+    """Running as root, chmod 0 does not stop reads: make the OS refuse one file instead (inherited by
+    forked DataLoader workers). As another user, chmod 0 itself is used as well."""
+    import builtins
+
+    from data import video_io
+
+    real_open = builtins.open
+
+    def guarded(file, *args, **kwargs):
+        if os.fsdecode(file).endswith("locked.avi"):
+            raise PermissionError(13, "Permission denied", os.fsdecode(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(video_io, "open", guarded, raising=False)
+
+
+def test_awkward_inputs_are_encoded_or_listed(vae_dir, tmp_path, monkeypatch):
     good, bad = _awkward_folder(tmp_path / "data")
+    (tmp_path / "data" / "ünï" / "locked.avi").chmod(0)
+    _refuse_locked(monkeypatch)
     out = tmp_path / "shards"
     assert encode(vae_dir, tmp_path / "data", out, "encode.size=16", "encode.clip_len=4", workers=2) == 0
     failures = {f["relpath"]: f for f in map(json.loads, (out / "failures.jsonl").read_text().splitlines())}
     assert {k: f["stage"] for k, f in failures.items()} == bad
     assert all(f["reason"] for f in failures.values())
+    assert "permission denied" in failures["ünï/locked.avi"]["reason"]
+    assert "frames" in failures["ünï/one frame.avi"]["reason"]
     sources = {}
     for entry in load_manifest(out)["shards"]:
         with tarfile.open(out / entry["name"]) as tar:
@@ -168,9 +219,10 @@ def test_awkward_inputs_are_encoded_or_listed(vae_dir, tmp_path):
     assert set(sources) == good  # every valid input encoded, nothing else
     assert len(sources["cl ass.a/my clip.v1.avi"]) == 2 and sources["ünï/deep 16bit.png"][0]["latent_shape"][1] == 1
     assert sources["cl ass.a/rgba img.png"][0]["orig_size"] == [24, 20]
+    assert len(sources["cl ass.a/vfr.mp4"]) == 1 and sources["ünï/huge.png"][0]["orig_size"] == [2160, 3840]
     t = load_manifest(out)["totals"]
     assert t["videos"] + t["images"] + t["failures"] == t["inputs"] == len(good) + len(bad)
-    assert t["video_samples"] == 3 and t["image_samples"] == 5
+    assert t["video_samples"] == 5 and t["image_samples"] == 6
     assert verify_cli.main([str(out)]) == 0
 
 
