@@ -15,6 +15,7 @@ import argparse
 import importlib.util
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -24,13 +25,16 @@ from contextlib import nullcontext
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-BENCHES = ("vae", "reader", "unet", "sampling")
+BENCHES = ("vae", "reader", "unet", "sampling", "sampler_quality")
+DEFAULT_BENCHES = BENCHES[:4]  # sampler_quality needs a trained demo (make demo) and ~10 CPU minutes
+SAMPLER_QUALITY_RUNS = [("training", 0), ("ddpm", 250), ("dpmpp_2m", 5), ("dpmpp_2m", 10), ("dpmpp_2m", 15),
+                        ("dpmpp_2m", 25), ("dpmpp_2m", 50), ("ddim", 50)]
 MEM_METHOD = {
     "cpu": "RSS sampled every 0.5 ms over warm-up + timed calls, minus RSS once model and inputs exist (after malloc_trim)",
     "cuda": "torch.cuda.max_memory_allocated over warm-up + timed calls minus memory allocated once model and inputs exist",
 }
 # default repeats per bench (timed calls after one warm-up call); --repeats overrides all of them
-REPEATS = {"vae": 3, "reader": 3, "unet": 2, "sampling": 1}
+REPEATS = {"vae": 3, "reader": 3, "unet": 2, "sampling": 1, "sampler_quality": 1}
 
 # ----------------------------------------------------------------------------- worker side (one measurement)
 
@@ -322,7 +326,79 @@ def run_sampling(spec: dict) -> dict:
     return {**out, "s_per_video": out["ms"] / 1e3, "nfe": nfe, "ms_per_nfe": out["ms"] / max(nfe, 1)}
 
 
-WORKERS = {"vae": run_vae, "unet": run_unet, "reader": run_reader, "sampling": run_sampling}
+def frechet_distance(a, b) -> float:
+    """Fréchet distance between Gaussian fits of two feature sets [N, D] (float64)."""
+    import torch
+
+    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
+    vals, vecs = torch.linalg.eigh(cov_a)
+    root_a = vecs @ torch.diag(vals.clamp_min(0).sqrt()) @ vecs.T
+    cross = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp_min(0).sqrt().sum()
+    return float((mu_a - mu_b).pow(2).sum() + cov_a.trace() + cov_b.trace() - 2 * cross)
+
+
+def _clip_features(latents):
+    """Whitened latents [N, C, T, h, w] -> [N, C*T*4] features: each frame's latent average-pooled
+    to 2x2, so the features keep the object's coarse position in every frame (its motion)."""
+    import torch.nn.functional as F
+
+    n, c, t, h, w = latents.shape
+    pooled = F.adaptive_avg_pool2d(latents.float().permute(0, 2, 1, 3, 4).reshape(n * t, c, h, w), 2)
+    return pooled.reshape(n, -1)
+
+
+def run_sampler_quality(spec: dict) -> dict:
+    """One sampler/step count on a trained demo model: latent Fréchet distance of `N` samples to `N`
+    training clips, to the DDPM-250 samples (cached by the parent), and the decoded object's path
+    smoothness (data.synthetic.path_smoothness; the training clips' value is the target)."""
+    import numpy as np
+    import torch
+
+    from autoencoder.model import FrameVAE
+    from data.latents import make_latent_loader
+    from data.synthetic import object_centres, path_smoothness
+    from scripts.runtime.export import load_diffusion_export
+    from scripts.runtime.generation import decode_to_uint8, generate, un_whiten
+
+    device, _, sync = _setup(spec)
+    demo = Path(spec["demo_dir"])
+    model, meta = load_diffusion_export(demo / "diffusion" / "export", map_location=device)
+    lat, n = meta["latent"], spec["N"]
+    labels = [i % len(meta["class_names"]) for i in range(n)] if meta["unet_config"].num_classes else None
+    train = []
+    for batch in make_latent_loader(demo / "shards", kind="video", batch_size=n, use_mean=True, shuffle_buffer=0):
+        train.append(batch["latent"])
+    train = torch.cat(train)[torch.randperm(sum(len(b) for b in train), generator=torch.Generator().manual_seed(0))]
+    if len(train) < 2 * n:
+        raise SystemExit(f"{demo / 'shards'} has {len(train)} clips; the comparison needs 2 x N = {2 * n}")
+    start = time.perf_counter()
+    if spec["sampler"] == "training":  # the noise floor: N other training clips in place of samples
+        out = train[n : 2 * n]
+    else:
+        out = generate(model, meta["unet_config"], meta["diffusion_config"], num=n, frames=lat["clip_len"],
+                       latent_shape=lat["shape"], labels=labels, guidance_scale=spec["guidance_scale"],
+                       sampler=spec["sampler"], steps=spec["steps"], seed=spec["seed"], batch_size=n, device=device)
+    sync()
+    seconds = time.perf_counter() - start
+    feats = _clip_features(out)
+    result = {"fd_to_training": frechet_distance(feats, _clip_features(train[:n])), "s_per_video": seconds / n}
+    cache = Path(spec["cache"])
+    if spec["sampler"] == "ddpm" and spec["steps"] == 250:
+        torch.save(out, cache)
+    elif cache.exists():
+        result["fd_to_ddpm250"] = frechet_distance(feats, _clip_features(torch.load(cache, weights_only=True)))
+    vae = FrameVAE.from_pretrained(demo / "vae" / "export").to(device).eval()
+    frames = decode_to_uint8(vae, un_whiten(out, lat["stats"]), device=device)
+    smooth = [path_smoothness(c) for c in map(object_centres, frames) if not np.isnan(c).all()]
+    result["smoothness"] = float(np.nanmean(smooth)) if smooth else float("nan")
+    result["tracked_videos"] = len(smooth)
+    return result
+
+
+WORKERS = {"vae": run_vae, "unet": run_unet, "reader": run_reader, "sampling": run_sampling,
+           "sampler_quality": run_sampler_quality}
 
 # ----------------------------------------------------------------------------- parent side (plan, spawn, report)
 
@@ -339,6 +415,9 @@ def plan(bench: str, quick: bool) -> list[dict]:
         c, b, hw, ts = ("tiny", 1, 8, (4,)) if quick else ("base", 2, 32, (16, 8, 32))
         specs = [dict(bench="unet", config=c, B=b, T=ts[0], hw=hw, gc=True)]
         return specs + [dict(bench="unet", config=c, B=b, T=t, hw=hw, gc=False) for t in ts]
+    if bench == "sampler_quality":
+        n, steps = (8, [("ddpm", 250), ("dpmpp_2m", 5)]) if quick else (48, SAMPLER_QUALITY_RUNS)
+        return [dict(bench="sampler_quality", sampler=s, steps=k, N=n, guidance_scale=3.0, seed=1) for s, k in steps]
     runs = [("tiny", 4, 8, "dpmpp_2m", 5)] if quick else [
         ("tiny", 16, 8, "dpmpp_2m", 25), ("tiny", 16, 8, "ddim", 50), ("tiny", 16, 8, "ddpm", 250),
         ("base", 16, 32, "dpmpp_2m", 25)]  # fmt: skip
@@ -380,7 +459,7 @@ def _ratios(bench: str, ours: dict, ref: dict) -> dict:
 
 def report(spec: dict, ours: dict, ref: dict | None, reason: str | None, args) -> dict:
     """One output line: the spec, our figures, the reference's (or null + reason), ratios, context."""
-    line = {k: v for k, v in spec.items() if k not in ("repeats", "impl", "device", "dtype", "threads")}
+    line = {k: v for k, v in spec.items() if k not in ("repeats", "impl", "device", "dtype", "threads", "cache")}
     line["bench"] = {"vae": f"vae_{spec.get('op')}", "unet": "unet_train_step"}.get(spec["bench"], spec["bench"])
     line.update(ours)
     if spec["bench"] in ("vae", "unet"):
@@ -430,7 +509,10 @@ def _scaling_line(lines: list[dict]) -> dict | None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m scripts.benchmark", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("--only", default=",".join(BENCHES), help=f"comma-separated subset of {','.join(BENCHES)}")
+    p.add_argument("--only", default=",".join(DEFAULT_BENCHES),
+                   help=f"comma-separated subset of {','.join(BENCHES)} (default: all but sampler_quality)")
+    p.add_argument("--demo-dir", type=Path, default=ROOT / "runs" / "demo",
+                   help="sampler_quality: a finished `make demo` folder (default runs/demo)")
     p.add_argument("--quick", action="store_true", help="tiny configs and shapes (seconds; used by the test)")
     p.add_argument("--repeats", type=int, default=None, help=f"timed calls after one warm-up (default {REPEATS})")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
@@ -455,6 +537,7 @@ def main(argv=None) -> int:
         return 2
     reason, lines = _reference_reason(args), []
     sink = open(args.output, "w") if args.output else None  # noqa: SIM115 (closed below)
+    scratch = tempfile.mkdtemp(prefix="lvd-bench-")
     try:
         for bench in only:
             items = plan(bench, args.quick)
@@ -462,6 +545,13 @@ def main(argv=None) -> int:
                 repeats = args.repeats or (1 if args.quick else REPEATS[bench])
                 spec = {**item, "impl": "ours", "device": args.device, "dtype": args.dtype, "repeats": repeats,
                         "threads": args.threads}
+                if bench == "sampler_quality":
+                    spec.update(demo_dir=str(args.demo_dir), cache=str(Path(scratch) / "ddpm250.pt"))
+                    missing = [p for p in ("diffusion/export", "vae/export", "shards") if not (args.demo_dir / p).exists()]
+                    if missing:
+                        print(f"error: {args.demo_dir} lacks {', '.join(missing)}: run `make demo` first "
+                              "or pass --demo-dir", file=sys.stderr)  # fmt: skip
+                        return 2
                 ours = spawn(spec)
                 ref, why = _reference_for(spec, reason)
                 lines.append(report(spec, ours, ref, why, args))
@@ -475,6 +565,7 @@ def main(argv=None) -> int:
     finally:
         if sink:
             sink.close()
+        shutil.rmtree(scratch, ignore_errors=True)
     return 1 if any("error" in ln for ln in lines) else 0
 
 

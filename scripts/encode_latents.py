@@ -417,11 +417,7 @@ def print_summary(s: dict, out: Path) -> None:
 
 
 def main(argv=None) -> int:
-    try:
-        return run_main(lambda a: run(parse_args(a)), argv)
-    except (BadInputError, ShardError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_main(lambda: run(parse_args(argv)), (BadInputError, ShardError))
 
 
 if __name__ == "__main__":

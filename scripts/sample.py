@@ -7,13 +7,12 @@ autoencoder is known, decoded video files.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from scripts.runtime.cli import build_parser, resolve_config
+from scripts.runtime.cli import build_parser, resolve_config, run_main
 from scripts.runtime.config import ConfigError
 
 
@@ -56,13 +55,7 @@ def parse_args(argv):
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        run(args)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_main(lambda: run(parse_args(argv)), (ValueError, FileNotFoundError))
 
 
 def pick_device(name: str) -> torch.device:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,8 +23,8 @@ from autoencoder.losses import VAELoss
 from autoencoder.model import FrameVAE
 from data.errors import BadInputError
 from scripts.runtime.checkpoint import CheckpointError, CheckpointManager
-from scripts.runtime.cli import build_parser, resolve_config
-from scripts.runtime.config import ConfigError, TrainConfig, save_config
+from scripts.runtime.cli import build_parser, resolve_config, run_main
+from scripts.runtime.config import TrainConfig, save_config
 from scripts.runtime.training import (
     EMA,
     EpochBatchSampler,
@@ -97,14 +96,8 @@ def parse_args(argv):
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    try:
-        train(args)
-    except (ConfigError, BadInputError, CheckpointError, TrainingStopped, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_main(lambda: train(parse_args(argv)), (BadInputError, CheckpointError, TrainingStopped, ValueError))
 
 
 def train(args) -> None:  # noqa: C901 - the loop is kept in one place on purpose

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -29,7 +28,7 @@ from diffusion.config import DiffusionConfig, UNetConfig
 from diffusion.process import GaussianDiffusion
 from diffusion.unet3d import UNet3D
 from scripts.runtime.checkpoint import CheckpointError, CheckpointManager
-from scripts.runtime.cli import build_parser, resolve_config
+from scripts.runtime.cli import build_parser, resolve_config, run_main
 from scripts.runtime.config import ConfigError, TrainConfig, save_config
 from scripts.runtime.export import save_diffusion_export
 from scripts.runtime.training import (
@@ -94,14 +93,9 @@ def parse_args(argv):
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    try:
-        train(args)
-    except (ConfigError, BadInputError, ShardError, CheckpointError, TrainingStopped, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    errors = (BadInputError, ShardError, CheckpointError, TrainingStopped, ValueError)
+    return run_main(lambda: train(parse_args(argv)), errors)
 
 
 def resolve_model_config(cfg: DiffusionRunConfig, manifest: dict) -> DiffusionRunConfig:

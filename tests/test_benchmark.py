@@ -40,3 +40,39 @@ def test_quick_run_prints_finite_figures_and_null_references_without_diffusers(t
     assert checkpointed["gflops"] > plain["gflops"]  # recomputed forward is counted
     reader = next(line for line in printed if line["bench"] == "reader")
     assert reader["reader_headroom"] > 1
+
+
+def test_frechet_distance_known_values():
+    import torch
+
+    x = torch.randn(4000, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert abs(benchmark.frechet_distance(x, x)) < 1e-6
+    # same covariance, mean shifted by (1, 2, 2): distance = |shift|^2 = 9
+    assert abs(benchmark.frechet_distance(x, x + torch.tensor([1.0, 2.0, 2.0], dtype=torch.float64)) - 9.0) < 1e-6
+    # N(0, I) vs N(0, 4I) in 3-D: 3 * (1 + 4 - 2 * 2) = 3, up to sampling error
+    assert abs(benchmark.frechet_distance(x, 2 * torch.randn(4000, 3, dtype=torch.float64)) - 3.0) < 0.4
+
+
+def test_sampler_quality_on_a_trained_model(pipeline, tmp_path, capsys):
+    from helpers import DIFF_TINY
+
+    from scripts import train_diffusion
+
+    demo = tmp_path / "demo"
+    (demo / "vae").mkdir(parents=True)
+    (demo / "vae" / "export").symlink_to(pipeline.vae)
+    (demo / "shards").symlink_to(pipeline.shards)
+    argv = ["--config", str(DIFF_TINY), "--shards", str(pipeline.shards), "--output-dir", str(demo / "diffusion"),
+            "--max-steps", "2"]  # fmt: skip
+    assert train_diffusion.main(argv) == 0
+    capsys.readouterr()
+    assert benchmark.main(["--quick", "--only", "sampler_quality", "--demo-dir", str(demo), "--threads", "1"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [(ln["sampler"], ln["steps"]) for ln in lines] == [("ddpm", 250), ("dpmpp_2m", 5)]
+    for ln in lines:
+        assert math.isfinite(ln["fd_to_training"]) and ln["fd_to_training"] > 0 and ln["s_per_video"] > 0
+        assert ln["tracked_videos"] >= 0
+    assert "fd_to_ddpm250" not in lines[0] and lines[1]["fd_to_ddpm250"] > 0
+    # without a finished demo: a clear error, no traceback
+    assert benchmark.main(["--quick", "--only", "sampler_quality", "--demo-dir", str(tmp_path / "none")]) == 2
+    assert "make demo" in capsys.readouterr().err

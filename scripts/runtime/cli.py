@@ -37,11 +37,12 @@ def resolve_config(cls, args: argparse.Namespace, *, write: bool = True):
     return cfg
 
 
-def run_main(fn, argv=None) -> int:
-    """Run an entry point's body, turning expected user errors into one clear line and exit code 2."""
+def run_main(body, user_errors: tuple = ()) -> int:
+    """Run an entry point's body; expected user errors (a bad config, a bad input file, a damaged
+    shard or checkpoint, ...) become one clear line on stderr and exit code 2, never a traceback."""
     try:
-        fn(argv)
-    except ConfigError as e:
+        body()
+    except (ConfigError, *user_errors) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
