@@ -48,6 +48,9 @@ class DiffusionConfig:
     prediction: str = "v"  # "eps", "v" or "x0"
     loss_weighting: str = "min_snr"  # "none" or "min_snr"
     min_snr_gamma: float = 5.0
+    # correlation of the noise between the frames of a clip (mixed-noise prior, Ge et al. 2023);
+    # 0 = independent noise per frame. Training and sampling use the same value (it is exported).
+    frame_noise_correlation: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -24,6 +24,8 @@ class GaussianDiffusion:
             raise ValueError(
                 f"unknown loss_weighting {config.loss_weighting!r} (expected one of {LOSS_WEIGHTINGS})"
             )
+        if not 0.0 <= config.frame_noise_correlation < 1.0:
+            raise ValueError(f"frame_noise_correlation must be in [0, 1), got {config.frame_noise_correlation}")
         self.config = config
         self.num_timesteps = config.num_timesteps
         # float64 on CPU; gathered and moved to the data's device on demand (alpha_sigma does this)
@@ -112,8 +114,9 @@ class GaussianDiffusion:
             t = self.sample_timesteps(batch, generator, x0.device)
         if noise is None:
             gen_device = generator.device if generator is not None else x0.device
-            noise = torch.randn(x0.shape, generator=generator, device=gen_device, dtype=x0.dtype)
-            noise = noise.to(x0.device)
+            noise = schedules.frame_correlated_noise(
+                x0.shape, self.config.frame_noise_correlation, generator=generator, device=gen_device, dtype=x0.dtype
+            ).to(x0.device)
         x_t = self.q_sample(x0, t, noise)
         out = model(x_t, t, **(model_kwargs or {}))
         err = (out.float() - self.target(x0, noise, t).float()) ** 2  # [B, C, T, h, w]

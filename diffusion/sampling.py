@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from diffusion.schedules import to_x0_eps
+from diffusion.schedules import frame_correlated_noise, to_x0_eps
 
 # Conventions (k-diffusion style): a sampler takes a model callable returning its raw output
 # (eps, v or x0 as `prediction` says), the float64 table abar_t for t = 0..N-1, and a descending
@@ -53,14 +53,17 @@ def _pairs(timesteps) -> list[tuple[int, int]]:
     return list(zip(ts, ts[1:] + [-1]))
 
 
-def _randn(shape, generator: torch.Generator | None, device, dtype=torch.float32) -> torch.Tensor:
-    """N(0, I) drawn on the generator's own device (a CPU generator also seeds CUDA runs), then moved."""
+def _randn(shape, generator: torch.Generator | None, device, dtype=torch.float32, correlation: float = 0.0) -> torch.Tensor:
+    """Noise drawn on the generator's own device (a CPU generator also seeds CUDA runs), then moved:
+    N(0, I), or for videos [B, C, T, h, w] with `correlation` > 0 the mixed-noise prior of
+    `schedules.frame_correlated_noise` (unit variance, correlation between frames)."""
     gen_device = generator.device if generator is not None else device
-    return torch.randn(tuple(shape), generator=generator, device=gen_device, dtype=dtype).to(device)
+    noise = frame_correlated_noise(tuple(shape), correlation, generator=generator, device=gen_device, dtype=dtype)
+    return noise.to(device)
 
 
-def _noise(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    return _randn(x.shape, generator, x.device, x.dtype)
+def _noise(x: torch.Tensor, generator: torch.Generator | None, correlation: float = 0.0) -> torch.Tensor:
+    return _randn(x.shape, generator, x.device, x.dtype, correlation)
 
 
 def denoise(
@@ -102,6 +105,7 @@ def sample_ddpm(
     generator: torch.Generator | None = None,
     callback: Callback | None = None,
     clip_x0: float | None = None,
+    noise_correlation: float = 0.0,
 ) -> torch.Tensor:
     """Ancestral sampling (Ho et al. 2020, Alg. 2) from the posterior q(x_s | x_t, x0_hat) between
     consecutive chosen timesteps t > s (strided, as in Nichol & Dhariwal 2021):
@@ -117,7 +121,7 @@ def sample_ddpm(
         coef_xt = math.sqrt(ab_t / ab_s) * (1.0 - ab_s) / (1.0 - ab_t)
         x = coef_x0 * x0 + coef_xt * x
         if s >= 0:  # no noise on the step to the data (variance 0)
-            x = x + math.sqrt(beta * (1.0 - ab_s) / (1.0 - ab_t)) * _noise(x, generator)
+            x = x + math.sqrt(beta * (1.0 - ab_s) / (1.0 - ab_t)) * _noise(x, generator, noise_correlation)
         if callback is not None:
             callback({"i": i, "t": t, "x": x, "x0": x0})
     return x
@@ -135,6 +139,7 @@ def sample_ddim(
     generator: torch.Generator | None = None,
     callback: Callback | None = None,
     clip_x0: float | None = None,
+    noise_correlation: float = 0.0,
 ) -> torch.Tensor:
     """DDIM (Song et al. 2021, eq. 12): x_s = alpha_s x0 + sqrt(sigma_s^2 - c^2) eps + c z with
     c = eta sqrt((1 - abar_s) / (1 - abar_t)) sqrt(1 - abar_t / abar_s). eta = 0 is deterministic;
@@ -147,7 +152,7 @@ def sample_ddim(
         c = eta * math.sqrt((1.0 - ab_s) / (1.0 - ab_t) * (1.0 - ab_t / ab_s))
         x = math.sqrt(ab_s) * x0 + math.sqrt(max(1.0 - ab_s - c * c, 0.0)) * eps
         if s >= 0 and c > 0:
-            x = x + c * _noise(x, generator)
+            x = x + c * _noise(x, generator, noise_correlation)
         if callback is not None:
             callback({"i": i, "t": t, "x": x, "x0": x0})
     return x
@@ -168,13 +173,15 @@ def sample_dpmpp_2m(
     generator: torch.Generator | None = None,
     callback: Callback | None = None,
     clip_x0: float | None = None,
+    noise_correlation: float = 0.0,
 ) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2), data-prediction form with lambda = log(alpha / sigma):
         x_s = (sigma_s / sigma_t) x_t - alpha_s expm1(-h) D,   h = lambda_s - lambda_t,
         D = (1 + 1/(2r)) x0_t - 1/(2r) x0_prev,   r = h_prev / h.
     Steps with an infinite h or h_prev fall back to first order (D = x0_t): the first step, the
     step after SNR 0 (lambda = -inf) and the last step to the data (sigma = 0, lambda = +inf),
-    where the update reduces to x = x0_t. `generator` is unused (deterministic sampler)."""
+    where the update reduces to x = x0_t. `generator` and `noise_correlation` are unused
+    (deterministic sampler: only x_T is random)."""
     x = x_T
     x0_prev, h_prev = None, math.inf
     for i, (t, s) in enumerate(_pairs(timesteps)):
@@ -214,13 +221,16 @@ def sample(
     x_T: torch.Tensor | None = None,
     callback: Callback | None = None,
     clip_x0: float | None = None,
+    noise_correlation: float = 0.0,
 ) -> torch.Tensor:
-    """Draw x0 samples of `shape` from N(0, I) noise (or the given `x_T`) with the named sampler."""
+    """Draw x0 samples of `shape` from N(0, I) noise (or the given `x_T`) with the named sampler.
+    `noise_correlation`: the model was trained with frame-correlated noise (mixed-noise prior), so
+    x_T and any fresh noise are drawn the same way."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r} (expected one of {sorted(SAMPLERS)})")
     timesteps = timesteps_for(steps, len(alphas_cumprod), spacing)
     if x_T is None:
-        x_T = _randn(shape, generator, device)
+        x_T = _randn(shape, generator, device, correlation=noise_correlation)
     extra = {"eta": eta} if sampler == "ddim" else {}
     with tqdm(total=len(timesteps), disable=not progress, desc=sampler) as bar:
 
@@ -239,6 +249,7 @@ def sample(
             generator=generator,
             callback=step_done,
             clip_x0=clip_x0,
+            noise_correlation=noise_correlation,
             **extra,
         )
 

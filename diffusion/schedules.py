@@ -103,3 +103,19 @@ def to_x0_eps(prediction: str, model_out, x_t, alpha, sigma):
         x0 = model_out
         return x0, eps_from_x0(x_t, x0, alpha, sigma)
     raise ValueError(f"unknown prediction type {prediction!r} (expected 'eps', 'v' or 'x0')")
+
+
+def frame_correlated_noise(shape, correlation: float = 0.0, *, generator=None, device=None, dtype=torch.float32):
+    """Gaussian noise whose frames share a component (the "mixed noise" prior of Ge et al. 2023,
+    PYoCo): for a video shape [B, C, T, h, w], eps = sqrt(rho) * shared + sqrt(1 - rho) * own, with
+    `shared` one draw [B, C, 1, h, w] for all frames. Every element stays N(0, 1); two frames of a
+    clip correlate by rho. A model trained on this noise starts every frame from nearly the same
+    noise at sampling time, which makes temporal coherence far easier to learn. rho = 0 (or T = 1,
+    images) is plain N(0, I), drawn exactly as torch.randn would draw it."""
+    if not 0.0 <= correlation < 1.0:
+        raise ValueError(f"frame noise correlation must be in [0, 1), got {correlation}")
+    own = torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
+    if correlation == 0.0 or len(shape) != 5 or shape[2] == 1:
+        return own
+    shared = torch.randn((*shape[:2], 1, *shape[3:]), generator=generator, device=device, dtype=dtype)
+    return math.sqrt(correlation) * shared + math.sqrt(1.0 - correlation) * own

@@ -159,3 +159,46 @@ def test_tiny_unet_overfits_one_clip():
     assert start / end >= 5.0, (start, end)
     first, last = sum(history[:10]) / 10, sum(history[-10:]) / 10
     assert first / last >= 4.0, (first, last)
+
+
+def _frame_correlation(noise: torch.Tensor) -> tuple[float, float, float]:
+    """(variance, mean correlation between two different frames of a clip, between two clips)."""
+    x = noise.double()
+    var = float(x.var())
+    a, b = x[:, :, 0].flatten(), x[:, :, -1].flatten()
+    half = x.shape[0] // 2
+    across = float(torch.corrcoef(torch.stack([x[:half].flatten(), x[half : 2 * half].flatten()]))[0, 1])
+    return var, float(torch.corrcoef(torch.stack([a, b]))[0, 1]), across
+
+
+@pytest.mark.parametrize("rho", [0.0, 0.5, 0.8])
+def test_frame_correlated_noise_has_unit_variance_and_the_asked_correlation(rho):
+    g = torch.Generator().manual_seed(0)
+    noise = schedules.frame_correlated_noise((64, 4, 6, 16, 16), rho, generator=g)
+    var, between_frames, between_clips = _frame_correlation(noise)
+    assert abs(var - 1) < 0.02 and abs(between_frames - rho) < 0.03 and abs(between_clips) < 0.05
+    # images (T = 1) and rho = 0 are plain torch.randn, draw for draw
+    for shape, r in (((3, 4, 1, 8, 8), rho), ((3, 4, 5, 8, 8), 0.0)):
+        a = schedules.frame_correlated_noise(shape, r, generator=torch.Generator().manual_seed(1))
+        assert torch.equal(a, torch.randn(shape, generator=torch.Generator().manual_seed(1)))
+    with pytest.raises(ValueError, match="correlation"):
+        schedules.frame_correlated_noise((1, 4, 2, 8, 8), 1.0)
+
+
+def test_training_noise_is_frame_correlated_as_configured():
+    """At the terminal step of a zero-terminal-SNR schedule x_t is the noise itself: capture it."""
+    cfg = DiffusionConfig(zero_terminal_snr=True, frame_noise_correlation=0.6)
+    diffusion = GaussianDiffusion(cfg)
+    seen = []
+
+    def model(x, t, **_):
+        seen.append(x)
+        return torch.zeros_like(x)
+
+    x0 = torch.randn(64, 4, 6, 16, 16)
+    t = torch.full((64,), cfg.num_timesteps - 1)
+    diffusion.training_losses(model, x0, t=t, generator=torch.Generator().manual_seed(0))
+    var, between_frames, _ = _frame_correlation(seen[0])
+    assert abs(var - 1) < 0.02 and abs(between_frames - 0.6) < 0.03
+    with pytest.raises(ValueError, match="frame_noise_correlation"):
+        GaussianDiffusion(DiffusionConfig(frame_noise_correlation=1.5))

@@ -277,3 +277,23 @@ def test_cfg_without_labels_is_the_unconditional_model_and_plugs_into_samplers()
         cond={"class_labels": torch.zeros(4, dtype=torch.long)},
     )
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp_2m"])
+def test_samplers_start_from_frame_correlated_noise_when_asked(sampler):
+    """x_T (and DDPM's fresh noise) follow the model's training noise: frames correlated by rho."""
+    from diffusion.sampling import sample
+
+    ab = make_alphas_cumprod("cosine", 1000, zero_terminal_snr=True)
+    first = []
+
+    def model(x, t, **_):
+        if not first:
+            first.append(x.clone())
+        return torch.zeros_like(x)
+
+    sample(model, (64, 4, 6, 16, 16), alphas_cumprod=ab, prediction="v", sampler=sampler, steps=3,
+           generator=torch.Generator().manual_seed(0), noise_correlation=0.7, eta=1.0 if sampler == "ddim" else 0.0)  # fmt: skip
+    x = first[0].double()
+    corr = float(torch.corrcoef(torch.stack([x[:, :, 0].flatten(), x[:, :, 3].flatten()]))[0, 1])
+    assert abs(float(x.var()) - 1) < 0.02 and abs(corr - 0.7) < 0.03

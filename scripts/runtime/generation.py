@@ -63,7 +63,8 @@ def generate(model, unet_cfg, diff_cfg, *, num: int, frames: int, latent_shape, 
                 given = mask if method == "condition" else torch.zeros_like(mask)
                 cond.update(cond_frames=context * given, cond_mask=given)
             x = sample(net, (n, c, context.shape[2], h, w), alphas_cumprod=ab, prediction=diff_cfg.prediction,
-                       sampler=sampler, steps=steps, cond=cond, generator=g, device=device, progress=progress)
+                       sampler=sampler, steps=steps, cond=cond, generator=g, device=device, progress=progress,
+                       noise_correlation=diff_cfg.frame_noise_correlation)
             return replace_known(x, context, mask)
 
         outs.append(extend_video(sample_fn, kn, frames, window, overlap).cpu())
