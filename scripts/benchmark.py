@@ -349,10 +349,14 @@ def _clip_features(latents):
     return pooled.reshape(n, -1)
 
 
+JUMP_PX = 4.0  # a frame-to-frame move of the object's centre this large (32x32 frames) counts as a jump
+
+
 def run_sampler_quality(spec: dict) -> dict:
     """One sampler/step count on a trained demo model: latent Fréchet distance of `N` samples to `N`
-    training clips, to the DDPM-250 samples (cached by the parent), and the decoded object's path
-    smoothness (data.synthetic.path_smoothness; the training clips' value is the target)."""
+    training clips and to the DDPM-250 samples (cached by the parent); and, tracking the decoded
+    object's centre, its path smoothness (data.synthetic.path_smoothness), mean speed in pixels per
+    frame and the share of frame-to-frame moves over JUMP_PX (the "training" row is the target)."""
     import numpy as np
     import torch
 
@@ -391,9 +395,12 @@ def run_sampler_quality(spec: dict) -> dict:
         result["fd_to_ddpm250"] = frechet_distance(feats, _clip_features(torch.load(cache, weights_only=True)))
     vae = FrameVAE.from_pretrained(demo / "vae" / "export").to(device).eval()
     frames = decode_to_uint8(vae, un_whiten(out, lat["stats"]), device=device)
-    smooth = [path_smoothness(c) for c in map(object_centres, frames) if not np.isnan(c).all()]
-    result["smoothness"] = float(np.nanmean(smooth)) if smooth else float("nan")
-    result["tracked_videos"] = len(smooth)
+    paths = [c for c in map(object_centres, frames) if not np.isnan(c).any()]  # object found in every frame
+    steps_px = [np.linalg.norm(np.diff(c, axis=0), axis=1) for c in paths]
+    result["tracked_videos"] = len(paths)
+    result["smoothness"] = float(np.mean([path_smoothness(c) for c in paths])) if paths else float("nan")
+    result["speed_px"] = float(np.mean([d.mean() for d in steps_px])) if paths else float("nan")
+    result["jump_rate"] = float(np.mean([(d > JUMP_PX).mean() for d in steps_px])) if paths else float("nan")
     return result
 
 
