@@ -24,13 +24,16 @@ from autoencoder.model import FrameVAE
 from data.errors import BadInputError
 from scripts.runtime.checkpoint import CheckpointError, CheckpointManager
 from scripts.runtime.cli import build_parser, resolve_config, run_main
-from scripts.runtime.config import TrainConfig, save_config
+from scripts.runtime.config import ConfigError, TrainConfig, save_config
 from scripts.runtime.training import (
     EMA,
     EpochBatchSampler,
     MetricsLog,
     NonFiniteGuard,
     TrainingStopped,
+    finish_step,
+    grad_norms,
+    inject_inf_gradient,
     injected_nonfinite,
     limit_cpu_threads,
     make_accelerator,
@@ -81,7 +84,14 @@ def build_datasets(cfg: AutoencoderRunConfig):
         synthetic_frames=cfg.data.synthetic_frames,
     )
     train = FrameDataset(cfg.data.source, split="train", frames_per_video=cfg.data.frames_per_video, **common)
-    val_images = FrameDataset(cfg.data.source, split="val", frames_per_video=1, **common)
+    try:
+        val_images = FrameDataset(cfg.data.source, split="val", frames_per_video=1, **common)
+    except BadInputError as e:  # a handful of files: the hash split may put none in validation
+        log.warning("no validation: %s; raise data.val_fraction or add files", e)
+        return train, [], []
+    if not any(it.kind == "video" for it in val_images.items):
+        log.warning("no videos in the validation split: temporal flicker is not measured")
+        return train, val_images, []
     val_clips = ClipDataset(cfg.data.source, split="val", clip_len=cfg.data.val_clip_len, stride=1, **common)
     return train, val_images, val_clips
 
@@ -104,6 +114,10 @@ def train(args) -> None:  # noqa: C901 - the loop is kept in one place on purpos
     out = Path(args.output_dir)
     cfg = resolve_config(AutoencoderRunConfig, args, write=False)
     tc = cfg.train
+    if tc.mixed_precision == "fp16":
+        # one GradScaler for two optimizers: accelerate updates it after each optimizer's step, so the
+        # discriminator's gradients would be unscaled twice. bf16 needs no scaler.
+        raise ConfigError("train.mixed_precision=fp16 is not supported for the VAE + discriminator; use bf16 or no")
     acc = make_accelerator(tc, out)
     device = acc.device
     limit_cpu_threads(tc.num_workers, device)
@@ -211,7 +225,8 @@ def train_step(acc, model, disc, raw_model, criterion, opt, opt_d, sched, sched_
     """One micro-batch: VAE (generator) loss and discriminator loss, both backpropagated on every
     micro-batch; on the accumulation boundary both optimizers step, unless the (all-reduced)
     gradient norm is non-finite. Returns the logs on an optimizer step, None otherwise."""
-    g = seed_step(tc.seed, step, acc.process_index, x.device)
+    micro = acc.step % tc.grad_accum  # index inside the accumulation window (0 after a resume)
+    g = seed_step(tc.seed, step, acc.process_index, x.device, micro=micro)
     with acc.accumulate(model, disc):
         with acc.autocast():
             recon, posterior = model(x, sample_posterior=True, generator=g)
@@ -225,16 +240,11 @@ def train_step(acc, model, disc, raw_model, criterion, opt, opt_d, sched, sched_
         acc.backward(loss_d)
         if not acc.sync_gradients:
             return None
-        norm = float(acc.clip_grad_norm_(model.parameters(), tc.grad_clip))
-        norm_d = float(acc.clip_grad_norm_(disc.parameters(), tc.grad_clip))
+        inject_inf_gradient(model, step + 1)
+        norm, norm_d = grad_norms(acc, [model.parameters(), disc.parameters()], tc.grad_clip)
         ok = guard.check(norm if math.isfinite(norm_d) else norm_d, step + 1)
-        if ok:
-            opt.step()
-            opt_d.step()
-            sched.step()
-            sched_d.step()
-        opt.zero_grad(set_to_none=True)
-        opt_d.zero_grad(set_to_none=True)
+        finish_step(acc, ok, opt, sched)
+        finish_step(acc, ok, opt_d, sched_d)
     return {"loss": loss.item(), "grad_norm": norm, **logs, **logs_d, "skipped": int(not ok)}
 
 

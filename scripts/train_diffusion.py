@@ -36,6 +36,9 @@ from scripts.runtime.training import (
     MetricsLog,
     NonFiniteGuard,
     TrainingStopped,
+    finish_step,
+    grad_norms,
+    inject_inf_gradient,
     injected_nonfinite,
     limit_cpu_threads,
     make_accelerator,
@@ -256,7 +259,7 @@ def train(args) -> None:  # noqa: C901 - the loop is kept in one place on purpos
             bar.set_postfix(loss=f"{logs['loss']:.4f}")
             t_last, samples_since = now, 0
         if cfg.sample.every and step % cfg.sample.every == 0 and acc.is_main_process:
-            periodic_samples(cfg, ema, raw, manifest, out / "samples", step, device)
+            periodic_samples(cfg, ema, raw, manifest, out / "samples", step, device, fps=fps)
         if step % tc.checkpoint_every == 0 or step == tc.max_steps:
             save_checkpoint()
     bar.close()
@@ -273,7 +276,8 @@ def train_step(acc, model, diffusion, opt, sched, guard, cfg, vb, ib, step):
     gradient is summed locally and all-reduced once with the video pass (DDP-safe even though
     images leave the temporal parameters unused). Returns logs on an optimizer step."""
     tc, cc, device = cfg.train, cfg.cond, acc.device
-    g = seed_step(tc.seed, step, acc.process_index, "cpu")
+    micro = acc.step % tc.grad_accum  # index inside the accumulation window (0 after a resume)
+    g = seed_step(tc.seed, step, acc.process_index, "cpu", micro=micro)
     x_vid = vb["latent"].to(device)  # [B,C,T,h,w]
     n_img = 0 if ib is None else ib["latent"].shape[0]
     total = x_vid.shape[0] + n_img
@@ -291,7 +295,9 @@ def train_step(acc, model, diffusion, opt, sched, guard, cfg, vb, ib, step):
                 loss_img = out["loss"].sum() / total
             acc.backward(_poison(loss_img, step + 1))
             logs["loss_image"] = out["loss"].mean().item()
-        cond_mask, loss_mask = frame_conditioning(x_vid, cc, g)
+        loss_mask = None  # a model without frame conditioning is given no frames: loss on all of them
+        if cfg.model.frame_conditioning:
+            cond_mask, loss_mask = frame_conditioning(x_vid, cc, g)
         labels = labels_with_dropout(vb["label"], cfg.model.num_classes, cc.class_dropout, g)
         kwargs = _kw(labels, device)
         if cfg.model.frame_conditioning:
@@ -303,12 +309,10 @@ def train_step(acc, model, diffusion, opt, sched, guard, cfg, vb, ib, step):
         logs["loss_video"] = out["loss"].mean().item()
         if not acc.sync_gradients:
             return None
-        norm = float(acc.clip_grad_norm_(model.parameters(), tc.grad_clip))
+        inject_inf_gradient(model, step + 1)
+        (norm,) = grad_norms(acc, [model.parameters()], tc.grad_clip)
         ok = guard.check(norm, step + 1)
-        if ok:
-            opt.step()
-            sched.step()
-        opt.zero_grad(set_to_none=True)
+        finish_step(acc, ok, opt, sched)
     loss = loss_vid.item() + (loss_img.item() if ib is not None else 0.0)
     return {"loss": loss, "grad_norm": norm, "skipped": int(not ok), **logs}
 
@@ -350,7 +354,7 @@ def check_same_model(meta, cfg, path):
                                   f"({', '.join(diff)} differ); use another --output-dir or the same config")
 
 
-def periodic_samples(cfg, ema, raw, manifest, out_dir, step, device):
+def periodic_samples(cfg, ema, raw, manifest, out_dir, step, device, fps):
     import json
 
     from scripts.runtime.generation import sample_and_save
@@ -359,10 +363,10 @@ def periodic_samples(cfg, ema, raw, manifest, out_dir, step, device):
     stats = json.loads((Path(cfg.data.shards) / "stats.json").read_text())
     sample_and_save(model, cfg.model, cfg.diffusion, latent_shape=manifest["latent_shape"],
                     frames=manifest["clip_len"], class_names=list(manifest.get("labels") or []), stats=stats,
-                    fps=8.0, out_dir=out_dir,
+                    fps=fps or 8.0, out_dir=out_dir,
                     tag=f"step{step:07d}", num=cfg.sample.num, steps=cfg.sample.steps, sampler=cfg.sample.sampler,
                     guidance_scale=cfg.sample.guidance_scale, autoencoder=cfg.sample.autoencoder or None,
-                    seed=cfg.train.seed)
+                    seed=cfg.train.seed, autoencoder_sha256=(manifest.get("autoencoder") or {}).get("weights_sha256"))
 
 
 if __name__ == "__main__":

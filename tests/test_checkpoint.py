@@ -125,3 +125,66 @@ def test_metrics_truncate_after(tmp_path):
         f.write('{"step": 6, "lo')  # cut by a crash
     m.truncate_after(3)
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3]
+
+
+def test_ema_state_loads_onto_the_models_device():
+    """Checkpoints load on the CPU; after a resume on a GPU the averages must stay on the model's
+    device (the meta device stands in for CUDA here)."""
+    model = torch.nn.Linear(3, 2).to("meta")
+    ema = EMA(model, decay=0.9)
+    ema.load_state_dict({k: torch.ones(v.shape, dtype=torch.float16) for k, v in model.state_dict().items()}, 7)
+    assert all(v.device.type == "meta" and v.dtype == torch.float32 for v in ema.shadow.values())
+    assert ema.num_updates == 7
+
+
+def test_each_micro_batch_of_an_accumulation_window_draws_its_own_numbers():
+    from scripts.runtime.training import seed_step
+
+    draws = [torch.randn(4, generator=seed_step(0, 5, 0, "cpu", micro=m)) for m in (0, 1, 2)]
+    assert not torch.equal(draws[0], draws[1]) and not torch.equal(draws[1], draws[2])
+    again = torch.randn(4, generator=seed_step(0, 5, 0, "cpu", micro=1))
+    assert torch.equal(draws[1], again)  # still a pure function of (seed, step, rank, micro)
+    assert torch.equal(draws[0], torch.randn(4, generator=seed_step(0, 5, 0, "cpu")))
+
+
+class _AmpAccelerator:
+    """What grad_norms / finish_step use of accelerate's Accelerator under fp16, with a real GradScaler."""
+
+    def __init__(self, optimizer):
+        self.scaler, self.optimizer = torch.amp.GradScaler("cpu", init_scale=1024.0), optimizer
+
+    def unscale_gradients(self):
+        self.scaler.unscale_(self.optimizer)
+
+
+class _ScaledOptimizer:
+    """accelerate's AcceleratedOptimizer.step under fp16: scaler.step, then scaler.update."""
+
+    def __init__(self, opt, acc):
+        self.opt, self.acc = opt, acc
+
+    def step(self):
+        self.acc.scaler.step(self.opt)
+        self.acc.scaler.update()
+
+    def zero_grad(self, set_to_none=True):
+        self.opt.zero_grad(set_to_none=set_to_none)
+
+
+def test_fp16_skipped_step_updates_the_scaler_and_the_next_step_works():
+    from scripts.runtime.training import finish_step, grad_norms
+
+    model = torch.nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    acc = _AmpAccelerator(opt)
+    wrapped, sched = _ScaledOptimizer(opt, acc), torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    for poison in (True, False):
+        loss = model(torch.ones(2, 3)).sum() * (float("inf") if poison else 1.0)
+        acc.scaler.scale(loss).backward()
+        (norm,) = grad_norms(acc, [model.parameters()], 1.0)  # unscales once; a second unscale_ would raise
+        finish_step(acc, np.isfinite(norm), wrapped, sched)
+        if poison:
+            assert not np.isfinite(norm) and acc.scaler.get_scale() == 512.0  # lowered, as on an overflow
+            assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert np.isfinite(norm) and any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))

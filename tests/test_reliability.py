@@ -4,6 +4,7 @@ loaded; non-finite steps are skipped, counted, and stop the run cleanly; bad inp
 are exit code 2 naming the culprit; two processes stay in sync, see each sample once and resume."""
 
 import json
+import math
 import random
 import shutil
 import signal
@@ -120,13 +121,18 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(pipeline, tmp_
 # ----------------------------------------------------------------------------- 3. non-finite steps
 
 
+@pytest.mark.parametrize("fault", ["LVD_FAULT_NAN_STEPS", "LVD_FAULT_INF_GRAD_STEPS"])
 @pytest.mark.parametrize("name", ["diffusion", "autoencoder"])
-def test_poisoned_steps_are_skipped_counted_and_leave_the_weights_alone(pipeline, tmp_path, monkeypatch, name):
-    monkeypatch.setenv("LVD_FAULT_NAN_STEPS", "3,4")
+def test_poisoned_steps_are_skipped_counted_and_leave_the_weights_alone(pipeline, tmp_path, monkeypatch, name, fault):
+    """A NaN loss, or an inf gradient behind a finite loss, at steps 3 and 4."""
+    monkeypatch.setenv(fault, "3,4")
     out = tmp_path / "run"
     assert in_process(name, pipeline, out, 5, "train.checkpoint_every=1", "train.keep_checkpoints=10") == 0
     rows = read_metrics(out / "metrics.jsonl")
     assert [r["skipped"] for r in rows] == [0, 0, 1, 1, 0]
+    if "GRAD" in fault:
+        assert all(math.isfinite(r["loss"]) for r in rows)  # only the gradient was poisoned
+    assert [math.isfinite(r["grad_norm"]) for r in rows] == [True, True, False, False, True]
     assert [r["nonfinite_total"] for r in rows] == [0, 0, 1, 2, 2]
     weights = {s: load_file(str(out / "checkpoints" / f"step-{s:07d}" / "model.safetensors")) for s in (2, 3, 4, 5)}
     for k in weights[2]:

@@ -100,3 +100,26 @@ def test_resume_with_a_different_model_is_refused(pipeline, run2, tmp_path, caps
     assert "different model" in err and "base_channels" in err and "step-0000002" in err
     assert steps_of(read_metrics(out / "metrics.jsonl")) == [1, 2]  # nothing trained, nothing dropped
     assert (out / "config.yaml").read_text() == config_before  # the run's config is left alone
+
+
+def test_fp16_is_refused_with_the_reason(pipeline, tmp_path, capsys):
+    assert train(pipeline.data, tmp_path / "run", "train.mixed_precision=fp16") == 2
+    err = capsys.readouterr().err
+    assert "fp16" in err and "bf16" in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_an_image_only_folder_trains_and_validates_without_clips(tmp_path, caplog):
+    import numpy as np
+
+    from data.video_io import write_png
+
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        write_png(tmp_path / "data" / f"class{i % 2}" / f"img{i:02d}.png", rng.integers(0, 255, (40, 36, 3), dtype=np.uint8))
+    out = tmp_path / "run"
+    assert train(tmp_path / "data", out, "data.val_fraction=0.25", "train.batch_size=2", "data.size=32", steps=2) == 0
+    (val,) = read_metrics(out / "metrics.jsonl", split="val")
+    assert {"psnr", "ssim"} <= set(val) and "flicker" not in val
+    assert "no videos in the validation split" in caplog.text
+    assert FrameVAE.from_pretrained(out / "export") is not None

@@ -80,32 +80,94 @@ def test_config_checkpoint_mismatch_is_refused(pipeline, run2, tmp_path, capsys,
 
 
 @pytest.fixture
-def seen_shapes(monkeypatch):
-    """Shapes of every x0 that goes through the training loss."""
-    shapes, original = [], GaussianDiffusion.training_losses
+def seen_calls(monkeypatch):
+    """(x0 shape, keyword arguments, seed of the step's generator) of every training-loss call."""
+    calls, original = [], GaussianDiffusion.training_losses
 
     def spy(self, model, x0, **kwargs):
-        shapes.append(tuple(x0.shape))
+        calls.append((tuple(x0.shape), kwargs, kwargs["generator"].initial_seed()))
         return original(self, model, x0, **kwargs)
 
     monkeypatch.setattr(GaussianDiffusion, "training_losses", spy)
-    return shapes
+    return calls
 
 
-def test_images_from_video_only_shards_are_single_frames(pipeline, tmp_path, seen_shapes):
+def shapes(calls):
+    return [shape for shape, _, _ in calls]
+
+
+def test_images_from_video_only_shards_are_single_frames(pipeline, tmp_path, seen_calls):
     out = tmp_path / "run"
     assert train(pipeline.shards, out, "data.image_ratio=1.5", steps=1) == 0
     # B = 2 clips [2,4,8,8,8]; round(1.5 * 2) = 3 images: random single frames [3,4,1,8,8]
-    assert seen_shapes == [(3, 4, 1, 8, 8), (2, 4, 8, 8, 8)]
+    assert shapes(seen_calls) == [(3, 4, 1, 8, 8), (2, 4, 8, 8, 8)]
     (row,) = read_metrics(out / "metrics.jsonl")
     assert row["loss_image"] > 0 and row["loss_video"] > 0
 
 
-def test_video_only(pipeline, tmp_path, seen_shapes):
+def test_video_only(pipeline, tmp_path, seen_calls):
     out = tmp_path / "run"
     assert train(pipeline.shards, out, "data.image_ratio=0", steps=2) == 0
-    assert seen_shapes == [(2, 4, 8, 8, 8)] * 2
+    assert shapes(seen_calls) == [(2, 4, 8, 8, 8)] * 2
     rows = read_metrics(out / "metrics.jsonl")
     assert steps_of(rows) == [1, 2] and all("loss_image" not in r for r in rows)
     assert "images" not in json.loads((out / "checkpoints" / "step-0000002" / "trainer.json").read_text())["data"]
     load_diffusion_export(out / "export")
+
+
+def test_frames_are_given_and_unscored_only_when_the_model_is_frame_conditioned(pipeline, tmp_path, seen_calls):
+    assert train(pipeline.shards, tmp_path / "a", "cond.frame_cond_prob=1.0", "data.image_ratio=0", steps=1) == 0
+    (_, kw, _), = seen_calls
+    mask, given = kw["frame_mask"], kw["model_kwargs"]["cond_mask"].flatten(1)
+    assert torch.equal(mask, 1 - given) and 0 < given.sum(1).min() and given.sum(1).max() < 8  # 1..T-1 given
+    seen_calls.clear()
+    assert train(pipeline.shards, tmp_path / "b", "cond.frame_cond_prob=1.0", "data.image_ratio=0",
+                 "model.frame_conditioning=false", steps=1) == 0  # fmt: skip
+    (_, kw, _), = seen_calls
+    assert kw["frame_mask"] is None and "cond_frames" not in kw["model_kwargs"]  # nothing given: every frame scored
+
+
+def test_each_micro_batch_draws_its_own_noise(pipeline, tmp_path, seen_calls):
+    assert train(pipeline.shards, tmp_path / "run", "train.grad_accum=2", steps=2) == 0
+    seeds = [seed for _, _, seed in seen_calls]  # image pass, video pass per micro-batch
+    assert len(seeds) == 8 and seeds[0] == seeds[1] and seeds[2] == seeds[3] and len(set(seeds[::2])) == 4
+    assert steps_of(read_metrics(tmp_path / "run" / "metrics.jsonl")) == [1, 2]
+
+
+def test_image_shards_feed_the_image_batches(pipeline, tmp_path, monkeypatch, seen_calls):
+    """A folder with videos and images: the images come from the image shards (already T = 1)."""
+    import numpy as np
+
+    from data.video_io import write_png
+    from scripts import encode_latents
+
+    data = tmp_path / "data"
+    for i, video in enumerate(sorted(pipeline.data.rglob("*.mp4"))[:4]):
+        (data / video.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(video, data / video.parent.name / video.name)
+        write_png(data / video.parent.name / f"still{i}.png", np.full((32, 32, 3), 40 * i, np.uint8))
+    shards = tmp_path / "shards"
+    assert encode_latents.main(["--autoencoder", str(pipeline.vae), "--data", str(data), "--output-dir", str(shards),
+                                "encode.size=32", "encode.clip_len=8", "encode.num_workers=0"]) == 0  # fmt: skip
+    kinds, real = [], train_diffusion.make_latent_loader
+
+    def spy(folder, *, kind, **kw):
+        kinds.append(kind)
+        return real(folder, kind=kind, **kw)
+
+    monkeypatch.setattr(train_diffusion, "make_latent_loader", spy)
+    assert train(shards, tmp_path / "run", "data.image_ratio=1.0", steps=1) == 0
+    assert kinds == ["video", "image"] and shapes(seen_calls) == [(2, 4, 1, 8, 8), (2, 4, 8, 8, 8)]
+
+
+def test_periodic_samples_are_decoded_and_record_the_autoencoder(pipeline, tmp_path):
+    from scripts.runtime.generation import load_latent_file
+
+    out = tmp_path / "run"
+    assert train(pipeline.shards, out, "sample.every=1", "sample.num=1", "sample.steps=2",
+                 f"sample.autoencoder={pipeline.vae}", steps=1) == 0  # fmt: skip
+    latent, meta = load_latent_file(out / "samples" / "step0000001-000.safetensors")
+    assert latent.shape == (4, 8, 8, 8) and meta["autoencoder_sha256"] == weights_hash(pipeline.vae)
+    _, export = load_diffusion_export(out / "export")
+    assert meta["fps"] == export["latent"]["fps"] and meta["label_name"] == "circle"
+    assert (out / "samples" / "step0000001-000.mp4").exists() and (out / "samples" / "step0000001-000-strip.png").exists()

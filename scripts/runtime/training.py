@@ -63,12 +63,14 @@ def seed_init(seed: int) -> None:
     torch.manual_seed(step_seed(seed, 0, 0, "init"))
 
 
-def seed_step(seed: int, step: int, rank: int, device) -> torch.Generator:
+def seed_step(seed: int, step: int, rank: int, device, micro: int = 0) -> torch.Generator:
     """Seed the global torch RNG (dropout etc.) for this step and return a generator for the
-    step's explicit draws (noise, timesteps, masks)."""
-    torch.manual_seed(step_seed(seed, step, rank, "global"))
+    step's explicit draws (noise, timesteps, masks). `micro` is the micro-batch's index inside a
+    gradient-accumulation window, so each micro-batch draws its own numbers."""
+    tag = "" if micro == 0 else f"-{micro}"  # micro-batch 0 keeps the streams of grad_accum=1
+    torch.manual_seed(step_seed(seed, step, rank, "global" + tag))
     g = torch.Generator(device=device)
-    g.manual_seed(step_seed(seed, step, rank, "draws"))
+    g.manual_seed(step_seed(seed, step, rank, "draws" + tag))
     return g
 
 
@@ -105,7 +107,8 @@ class EMA:
         missing = set(self.shadow) ^ set(state)
         if missing:
             raise ValueError(f"EMA state does not match the model: {sorted(missing)[:5]}")
-        self.shadow = {k: v.float().clone() for k, v in state.items()}
+        # checkpoints load on the CPU: keep each average on its model's device (CUDA after a resume)
+        self.shadow = {k: v.to(self.shadow[k].device, torch.float32).clone() for k, v in state.items()}
         self.num_updates = num_updates
 
     def copy_to(self, model: nn.Module) -> nn.Module:
@@ -161,10 +164,42 @@ class NonFiniteGuard:
         self.in_row, self.total = int(d["in_row"]), int(d["total"])
 
 
+def grad_norms(acc, parameter_groups, max_norm: float) -> list[float]:
+    """Clip each group's gradients to `max_norm` and return their norms (after DDP's all-reduce,
+    so every process sees the same numbers). fp16 gradients are unscaled once, for every optimizer:
+    accelerate's clip_grad_norm_ unscales all optimizers on each call, so a second call raises."""
+    acc.unscale_gradients()
+    return [float(torch.nn.utils.clip_grad_norm_(list(ps), max_norm)) for ps in parameter_groups]
+
+
+def finish_step(acc, ok: bool, optimizer, scheduler) -> None:
+    """Step on a finite gradient, skip otherwise. Under fp16 a skipped step still updates the
+    GradScaler (it saw the inf/NaN while unscaling: the scale is lowered, and the next unscale does
+    not fail with "unscale_() has already been called")."""
+    if ok:
+        optimizer.step()
+        scheduler.step()
+    elif acc.scaler is not None:
+        acc.scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def injected_nonfinite(step: int) -> bool:
     """Fault injection for the reliability tests: LVD_FAULT_NAN_STEPS="3,4" poisons those steps
     (1-based, the step numbers of metrics.jsonl)."""
-    spec = os.environ.get("LVD_FAULT_NAN_STEPS", "")
+    return _fault_steps("LVD_FAULT_NAN_STEPS", step)
+
+
+def inject_inf_gradient(model: nn.Module, step: int) -> None:
+    """Fault injection: LVD_FAULT_INF_GRAD_STEPS="5" sets one gradient entry to +inf after the
+    backward pass of those steps, while the loss stays finite."""
+    if _fault_steps("LVD_FAULT_INF_GRAD_STEPS", step):
+        p = next(p for p in model.parameters() if p.grad is not None)
+        p.grad.view(-1)[0] = float("inf")
+
+
+def _fault_steps(env: str, step: int) -> bool:
+    spec = os.environ.get(env, "")
     return str(step) in {s.strip() for s in spec.split(",") if s.strip()}
 
 
