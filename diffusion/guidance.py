@@ -99,8 +99,9 @@ def extend_video(
 ) -> torch.Tensor:
     """Autoregressive extension with a sliding window (Ho et al. 2022, Sec. 3.1).
 
-    Starting from `known` [B, C, K, h, w] (K may be 0), each new window of `window` frames is sampled
-    given the last min(overlap, frames so far) frames as known, by
+    Starting from `known` [B, C, K, h, w] (K may be 0), the first window is sampled given the last
+    min(K, window - 1) known frames, and each later window of `window` frames given the last
+    min(overlap, frames so far) frames, by
     `sample_fn(known [B, C, window, h, w], mask [B, 1, window, 1, 1]) -> [B, C, window, h, w]`
     (known values at the leading masked frames, zeros elsewhere), so it works with frame
     conditioning or reconstruction guidance alike. The given frames are kept exactly.
@@ -112,7 +113,8 @@ def extend_video(
         raise ValueError(f"total_frames={total_frames} is fewer than the {k} known frames")
     video = known
     while video.shape[2] < total_frames:
-        n_ctx = min(overlap, video.shape[2])
+        # the first window sees as many given frames as fit; later ones overlap the previous window
+        n_ctx = min(window - 1, k) if video.shape[2] == k else min(overlap, video.shape[2])
         context = known.new_zeros(b, c, window, h, w)
         mask = known.new_zeros(b, 1, window, 1, 1)
         if n_ctx > 0:

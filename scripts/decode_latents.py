@@ -5,11 +5,14 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from scripts.runtime.cli import build_parser, resolve_config, run_main
 from scripts.runtime.config import ConfigError
+
+log = logging.getLogger("decode_latents")
 
 
 @dataclass
@@ -54,16 +57,20 @@ def run(args) -> list[Path]:
     device = pick_device(cfg.device)
     vae = FrameVAE.from_pretrained(cfg.autoencoder).to(device)
     vae_hash = weights_hash(cfg.autoencoder)
-    out, written = Path(args.output_dir), []
-    for f in files:
-        latent, meta = load_latent_file(f)
+    loaded = [(f, *load_latent_file(f)) for f in files]
+    for f, latent, meta in loaded:  # every file is checked before any output is written
         want = meta.get("autoencoder_sha256")
         if want and want != vae_hash:
             raise ValueError(f"{f} was made for autoencoder weights {want[:12]}, but {cfg.autoencoder} has "
                              f"{vae_hash[:12]}: decode with the autoencoder the diffusion model was trained on")
+        if not want:
+            log.warning("%s records no autoencoder hash: cannot check that %s is the VAE it was made for",
+                        f, cfg.autoencoder)
         if latent.shape[0] != vae.config.latent_channels:
             raise ValueError(f"{f}: {latent.shape[0]} latent channels, {cfg.autoencoder} expects "
                              f"{vae.config.latent_channels}")
+    out, written = Path(args.output_dir), []
+    for f, latent, meta in loaded:
         frames = decode_to_uint8(vae, un_whiten(latent, meta.get("stats"))[None], cfg.chunk_size, device)[0]
         fps = cfg.fps or meta.get("fps") or 8.0
         written += write_outputs(frames, out / f.stem, fps, cfg.formats, cfg.upscale)

@@ -31,7 +31,7 @@ class SampleConfig:
     overlap: int = 0  # frames shared by consecutive windows when extending (0: half the window)
     init_video: str = ""  # prediction / extension from this video's first frames
     known_frames: int = 0
-    method: str = "condition"  # condition (frame-conditioning inputs) or reconstruction (guidance)
+    method: str = "auto"  # condition (frame-conditioning inputs), reconstruction (guidance), auto: condition if the model has it
     guidance_weight: float = 2.0  # w_r of reconstruction guidance
     autoencoder: str = ""  # VAE export to decode with ('' = the one recorded in the export, if present)
     formats: list[str] = field(default_factory=lambda: ["mp4"])
@@ -41,7 +41,8 @@ class SampleConfig:
 
 FLAGS = {"checkpoint": str, "num_samples": int, "frames": int, "classes": str, "guidance_scale": float,
          "sampler": str, "steps": int, "seed": int, "batch_size": int, "init_video": str, "known_frames": int,
-         "method": str, "autoencoder": str, "formats": str, "device": str, "upscale": int}
+         "method": str, "autoencoder": str, "formats": str, "device": str, "upscale": int, "eta": float,
+         "overlap": int, "guidance_weight": float}
 
 
 def parse_args(argv):
@@ -86,9 +87,11 @@ def find_autoencoder(cfg: SampleConfig, meta: dict):
     from autoencoder.model import FrameVAE, weights_hash
 
     recorded = meta.get("autoencoder") or {}
+    if cfg.autoencoder and not Path(cfg.autoencoder).is_dir():
+        raise FileNotFoundError(f"--autoencoder {cfg.autoencoder}: no such folder (an exported FrameVAE)")
     path = cfg.autoencoder or recorded.get("path") or ""
     if not path or not Path(path).is_dir():
-        return None, None
+        return None, None  # the recorded VAE has moved: latents only (decode them later with decode_latents)
     found = weights_hash(path)
     want = recorded.get("weights_sha256")
     if want and found != want:
@@ -146,10 +149,11 @@ def run(args) -> list[Path]:
         known = encode_init_video(cfg, vae, meta, device).expand(cfg.num_samples, -1, -1, -1, -1)
     window = lat.get("clip_len") or 16
     frames = cfg.frames or window
+    method = cfg.method if cfg.method != "auto" else ("condition" if unet_cfg.frame_conditioning else "reconstruction")
     latents = generate(model, unet_cfg, diff_cfg, num=cfg.num_samples, frames=frames, latent_shape=lat["shape"],
                        labels=labels, guidance_scale=cfg.guidance_scale, sampler=cfg.sampler, steps=cfg.steps,
-                       seed=cfg.seed, batch_size=cfg.batch_size, window=window, overlap=cfg.overlap or None,
-                       known=known, method=cfg.method, guidance_weight=cfg.guidance_weight, device=device,
+                       eta=cfg.eta, seed=cfg.seed, batch_size=cfg.batch_size, window=window, overlap=cfg.overlap or None,
+                       known=known, method=method, guidance_weight=cfg.guidance_weight, device=device,
                        progress=True)
     fps = lat.get("fps") or 8.0
     written = []

@@ -198,3 +198,37 @@ def test_extend_video_from_nothing_and_errors():
         extend_video(recording_sample_fn([], 4), torch.zeros(1, 2, 1, 3, 3), 6, window=4, overlap=4)
     with pytest.raises(ValueError):
         extend_video(recording_sample_fn([], 4), torch.zeros(1, 2, 7, 3, 3), 6, window=4, overlap=1)
+
+
+def test_first_window_is_given_every_known_frame_that_fits():
+    """K = 6 known frames, window 8, overlap 4: the first window is conditioned on all 6 (not only
+    the last `overlap`), and with K >= window on the last window - 1 of them."""
+    calls = []
+    given = torch.randn(1, 2, 6, 3, 3)
+    out = extend_video(recording_sample_fn(calls, 8), given, total_frames=12, window=8, overlap=4)
+    assert calls[0][1].flatten().tolist() == [1] * 6 + [0, 0]
+    assert torch.equal(calls[0][0][:, :, :6], given) and torch.equal(out[:, :, :6], given)
+    assert out.shape[2] == 12 and calls[1][1].flatten().tolist() == [1] * 4 + [0] * 4
+    calls = []
+    given = torch.randn(1, 2, 10, 3, 3)
+    out = extend_video(recording_sample_fn(calls, 8), given, total_frames=12, window=8, overlap=4)
+    assert calls[0][1].flatten().tolist() == [1] * 7 + [0] and torch.equal(calls[0][0][:, :, :7], given[:, :, 3:])
+    assert torch.equal(out[:, :, :10], given) and out.shape[2] == 12
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_reconstruction_guidance_lowers_the_error_on_the_known_frames(prediction):
+    """Without replacing the known frame, the sampled frame 0 of an unguided run is independent of
+    x^a; guidance on the other frames pulls the whole sample, frame 0 included, towards x^a."""
+    known, mask, x_a = first_frame_known(500, seed=3)
+    model = joint_model(COSINE, prediction)
+
+    def known_frame_error(weight):
+        guided = reconstruction_guided(model, known, mask, COSINE, prediction, weight, replace=False)
+        x = sample(guided, known.shape, alphas_cumprod=COSINE, prediction=prediction, sampler="ddim", steps=25,
+                   generator=torch.Generator().manual_seed(1))  # fmt: skip
+        return (x[:, 0, 0, 0, 0] - x_a).square().mean().item()
+
+    unguided, guided = known_frame_error(0.0), known_frame_error(5.0)
+    assert unguided > 1.5  # independent draws: E(x - y)^2 = 2 (1 + d^2)
+    assert guided < 0.25 * unguided, (guided, unguided)

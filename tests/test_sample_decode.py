@@ -131,3 +131,66 @@ def test_sample_refuses_an_autoencoder_export_as_checkpoint(pipeline, tmp_path, 
     err = capsys.readouterr().err
     assert "autoencoder export" in err and str(pipeline.vae) in err
     assert not list(tmp_path.glob("*.safetensors"))
+
+
+@pytest.mark.parametrize("method", ["condition", "reconstruction"])
+def test_prediction_with_more_known_frames_than_the_overlap(pipeline, export, tmp_path, method):
+    """K = 5 known frames (> the default overlap 4 of an 8-frame window), 12 frames in all: the
+    given frames are kept exactly, by either method, and the rest is generated."""
+    video = sorted(pipeline.data.rglob("*.mp4"))[1]
+    argv = ["--checkpoint", str(export), "--num-samples", "1", "--frames", "12", "--init-video", str(video),
+            "--known-frames", "5", "--method", method, "--autoencoder", str(pipeline.vae),
+            "--guidance-scale", "2", "--output-dir", str(tmp_path), *FAST]  # fmt: skip
+    assert sample.main(argv) == 0
+    (f,) = sorted(tmp_path.glob("*.safetensors"))
+    latent, meta = load_latent_file(f)
+    assert latent.shape == (4, 12, 8, 8) and meta["known_frames"] == 5 and torch.isfinite(latent).all()
+    ref = tmp_path / "ref"
+    argv = [a if a != "12" else "5" for a in argv]  # the same 5 frames alone: nothing generated
+    assert sample.main([*argv[:-len(FAST) - 2], "--output-dir", str(ref), *FAST]) == 0
+    given, _ = load_latent_file(next(ref.glob("*.safetensors")))
+    torch.testing.assert_close(latent[:, :5], given, rtol=0, atol=0)
+    assert not torch.allclose(latent[:, 5], latent[:, 4])
+
+
+def test_condition_on_a_model_without_frame_conditioning_is_refused(pipeline, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["--config", str(DIFF_TINY), "--shards", str(pipeline.shards), "--output-dir", str(out), "--max-steps", "1",
+            "model.frame_conditioning=false"]  # fmt: skip
+    assert train_diffusion.main(argv) == 0
+    video = sorted(pipeline.data.rglob("*.mp4"))[0]
+    base = ["--checkpoint", str(out / "export"), "--num-samples", "1", "--frames", "8", "--init-video", str(video),
+            "--known-frames", "3", "--autoencoder", str(pipeline.vae), *FAST]  # fmt: skip
+    assert sample.main([*base, "--method", "condition", "--output-dir", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "without frame conditioning" in err and "--method reconstruction" in err
+    assert not list((tmp_path / "a").glob("*.safetensors"))
+    assert sample.main([*base, "--output-dir", str(tmp_path / "b")]) == 0  # auto: reconstruction guidance
+    assert len(list((tmp_path / "b").glob("*.safetensors"))) == 1
+
+
+def test_a_missing_autoencoder_folder_is_an_error(export, tmp_path, capsys):
+    argv = ["--checkpoint", str(export), "--num-samples", "1", "--autoencoder", str(tmp_path / "nope"),
+            "--output-dir", str(tmp_path / "out"), *FAST]  # fmt: skip
+    assert sample.main(argv) == 2
+    assert "nope" in capsys.readouterr().err and not list((tmp_path / "out").glob("*.safetensors"))
+
+
+def test_decode_checks_every_file_before_writing_any(pipeline, samples, tmp_path, capsys, caplog):
+    from scripts.runtime.generation import save_latent_file
+
+    src = tmp_path / "latents"
+    src.mkdir()
+    for f in sorted(samples.glob("*.safetensors")):
+        latent, meta = load_latent_file(f)
+        save_latent_file(src / f.name, latent, meta)
+    latent, meta = load_latent_file(next(src.glob("*.safetensors")))
+    save_latent_file(src / "zz-foreign.safetensors", latent, {**meta, "autoencoder_sha256": "ef" * 32})
+    argv = ["--autoencoder", str(pipeline.vae), "--latents", str(src), "--output-dir", str(tmp_path / "out")]
+    assert decode_latents.main(argv) == 2
+    assert "zz-foreign" in capsys.readouterr().err and not list((tmp_path / "out").glob("*.mp4"))  # not even the good ones
+    (src / "zz-foreign.safetensors").unlink()
+    save_latent_file(src / "no-hash.safetensors", latent, {k: v for k, v in meta.items() if k != "autoencoder_sha256"})
+    assert decode_latents.main(argv) == 0
+    assert "no-hash.safetensors records no autoencoder hash" in caplog.text
+    assert len(list((tmp_path / "out").glob("*.mp4"))) == 4

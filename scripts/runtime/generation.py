@@ -30,7 +30,7 @@ def alphas_for(diff_cfg) -> torch.Tensor:
 
 @torch.no_grad()
 def generate(model, unet_cfg, diff_cfg, *, num: int, frames: int, latent_shape, labels=None,
-             guidance_scale: float = 1.0, sampler: str = "dpmpp_2m", steps: int = 25, seed: int = 0,
+             guidance_scale: float = 1.0, sampler: str = "dpmpp_2m", steps: int = 25, eta: float = 0.0, seed: int = 0,
              batch_size: int = 8, window: int | None = None, overlap: int | None = None, known=None,
              method: str = "condition", guidance_weight: float = 2.0, device="cpu", progress=False) -> torch.Tensor:
     """Whitened latents [num, C, frames, h, w].
@@ -40,6 +40,11 @@ def generate(model, unet_cfg, diff_cfg, *, num: int, frames: int, latent_shape, 
     frames; the known/overlap frames reach the model through its frame-conditioning inputs
     (`method="condition"`) or through reconstruction guidance (`method="reconstruction"`)."""
     c, h, w = latent_shape
+    if method not in ("condition", "reconstruction"):
+        raise ValueError(f"unknown method {method!r} (expected 'condition' or 'reconstruction')")
+    if method == "condition" and not unet_cfg.frame_conditioning and (known is not None or frames > (window or frames)):
+        raise ValueError("this model was trained without frame conditioning (model.frame_conditioning=false), "
+                         "so it cannot be given frames: use --method reconstruction")
     window = window or frames
     overlap = min(overlap if overlap is not None else window // 2, window - 1)
     ab = alphas_for(diff_cfg)
@@ -57,13 +62,11 @@ def generate(model, unet_cfg, diff_cfg, *, num: int, frames: int, latent_shape, 
                 net = classifier_free_guidance(model, guidance_scale, null_label=unet_cfg.num_classes)
             if method == "reconstruction" and mask.any():
                 net = reconstruction_guided(net, context, mask, ab, diff_cfg.prediction, guidance_weight)
-            elif method not in ("condition", "reconstruction"):
-                raise ValueError(f"unknown method {method!r} (expected 'condition' or 'reconstruction')")
             if unet_cfg.frame_conditioning:
                 given = mask if method == "condition" else torch.zeros_like(mask)
                 cond.update(cond_frames=context * given, cond_mask=given)
             x = sample(net, (n, c, context.shape[2], h, w), alphas_cumprod=ab, prediction=diff_cfg.prediction,
-                       sampler=sampler, steps=steps, cond=cond, generator=g, device=device, progress=progress,
+                       sampler=sampler, steps=steps, eta=eta, cond=cond, generator=g, device=device, progress=progress,
                        noise_correlation=diff_cfg.frame_noise_correlation)
             return replace_known(x, context, mask)
 
@@ -137,15 +140,17 @@ def write_outputs(frames: np.ndarray, stem: Path, fps: float, formats=("mp4",), 
 
 def sample_and_save(model, unet_cfg, diff_cfg, *, latent_shape, frames: int, class_names: list[str],
                     stats: dict | None, fps: float, out_dir: Path, tag: str, num: int, steps: int, sampler: str,
-                    guidance_scale: float, autoencoder: str | None, seed: int) -> list[Path]:
-    """Periodic samples during training: latent files, and mp4 + PNG strip when a VAE is given."""
+                    guidance_scale: float, autoencoder: str | None, seed: int,
+                    autoencoder_sha256: str | None = None) -> list[Path]:
+    """Periodic samples during training: latent files (recording the shards' autoencoder hash, so
+    decode_latents can refuse another VAE), and mp4 + PNG strip when a VAE is given."""
     device = next(model.parameters()).device
     labels = [i % len(class_names) for i in range(num)] if unet_cfg.num_classes else None
     lat = generate(model, unet_cfg, diff_cfg, num=num, frames=frames, latent_shape=latent_shape, labels=labels,
                    guidance_scale=guidance_scale, sampler=sampler, steps=steps, seed=seed, device=device)
     paths = []
     for i in range(num):
-        meta = {"stats": stats, "fps": fps, "label": labels[i] if labels else None,
+        meta = {"stats": stats, "autoencoder_sha256": autoencoder_sha256, "fps": fps, "label": labels[i] if labels else None,
                 "label_name": class_names[labels[i]] if labels else None}
         paths.append(save_latent_file(Path(out_dir) / f"{tag}-{i:03d}.safetensors", lat[i], meta))
     if autoencoder:
