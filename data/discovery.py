@@ -39,7 +39,8 @@ def media_kind(name: str) -> str | None:
 def _walk_media(root: Path) -> list[tuple[str, str]]:
     """(relpath, kind) of every media file under root, sorted; hidden files/folders are skipped.
 
-    Symlinked folders are followed, but each real folder is visited once, so loops end.
+    Symlinked folders are followed, but each real folder is visited once, so loops end. Broken
+    file links are listed (their readers raise BadInputError).
     """
     found: list[tuple[str, str]] = []
     seen: set[str] = set()
@@ -55,7 +56,10 @@ def _walk_media(root: Path) -> list[tuple[str, str]]:
             kind = media_kind(name)
             if kind is None or name.startswith("."):
                 continue
-            if os.path.isfile(os.path.join(dirpath, name)):  # skips broken symlinks
+            full = os.path.join(dirpath, name)
+            # a broken link (or a link loop) to a media name is kept: its reader reports it, so a lost
+            # input is listed as a failure rather than silently missing
+            if os.path.isfile(full) or os.path.islink(full):
                 found.append(((rel_dir / name).as_posix().removeprefix("./"), kind))
     return sorted(found)
 

@@ -207,11 +207,13 @@ def collate(samples: list[dict]) -> dict:
 
 
 def _open(folder_or_urls, kind: str) -> tuple[Path, dict, list[dict]]:
-    """(folder, manifest, listed entries of `kind`) for a shards folder or a list of its shard files."""
+    """(folder, manifest, listed entries of `kind`) for a shards folder, a list of its shard files, or
+    brace-expanded names of them (WebDataset style: "shards/video-{000000..000009}.tar")."""
     if isinstance(folder_or_urls, (str, Path)) and Path(folder_or_urls).is_dir():
         folder, names = Path(folder_or_urls), None
     else:
-        paths = [Path(p) for p in ([folder_or_urls] if isinstance(folder_or_urls, (str, Path)) else folder_or_urls)]
+        given = [folder_or_urls] if isinstance(folder_or_urls, (str, Path)) else folder_or_urls
+        paths = [Path(p) for item in given for p in wds.shardlists.expand_urls(str(item))]
         parents = {p.parent for p in paths}
         if len(parents) != 1:
             raise ShardError(f"shard files must come from one folder (with its {MANIFEST}), got {sorted(map(str, parents))}")

@@ -38,6 +38,8 @@ def _check_file(path) -> Path:
     """Fail early, with a clear reason, for missing, empty or unreadable files."""
     path = Path(path)
     if not path.exists():
+        if path.is_symlink():
+            raise BadInputError(path, f"broken symbolic link (to {os.readlink(path)}, which does not resolve)")
         raise BadInputError(path, "file not found")
     if path.is_dir():
         raise BadInputError(path, "is a folder, not a file")
@@ -126,12 +128,15 @@ def to_rgb_uint8(img: np.ndarray) -> np.ndarray:
 
 
 def read_video(
-    path, *, start: int = 0, stride: int = 1, num_frames: int | None = None
+    path, *, start: int = 0, stride: int = 1, num_frames: int | None = None, transform=None, info: dict | None = None
 ) -> tuple[np.ndarray, float]:
     """Decode frames start, start+stride, ... (num_frames of them, or all) -> (uint8 [T,H,W,3] RGB, fps).
 
     Decodes sequentially and trusts what decodes, never CAP_PROP_FRAME_COUNT. Skipped frames are
-    only grabbed (not converted). Any unusable file raises BadInputError naming it.
+    only grabbed (not converted). `transform` (uint8 [H,W,3] -> uint8 [h,w,3], e.g. a resize and
+    crop) is applied to each frame as it is decoded, so memory holds only transformed frames (a long
+    1080p file is never held whole); `info`, when given, receives the original `size` [H, W].
+    Any unusable file raises BadInputError naming it.
     """
     if start < 0 or stride < 1 or (num_frames is not None and num_frames < 1):
         raise ValueError(
@@ -139,7 +144,7 @@ def read_video(
         )
     path = _check_file(path)
     frames: list[np.ndarray] = []
-    decoded = 0
+    decoded, size = 0, None
     with _capture(path) as cap:
         fps = _valid_fps(cap.get(cv2.CAP_PROP_FPS))
         while num_frames is None or len(frames) < num_frames:
@@ -149,7 +154,12 @@ def read_video(
                 ok, frame = cap.retrieve()
                 if not ok or frame is None:
                     break
-                frames.append(to_rgb_uint8(frame))
+                if size is None:
+                    size = frame.shape[:2]
+                elif frame.shape[:2] != size:
+                    raise BadInputError(path, "frame size changes within the video")
+                frame = to_rgb_uint8(frame)
+                frames.append(frame if transform is None else transform(frame))
             decoded += 1
     if decoded == 0:
         raise BadInputError(path, "no decodable frames (truncated or corrupt video?)")
@@ -161,8 +171,8 @@ def read_video(
         )
     if not frames:
         raise BadInputError(path, f"only {decoded} decodable frames, none at or after start {start}")
-    if any(f.shape != frames[0].shape for f in frames):
-        raise BadInputError(path, "frame size changes within the video")
+    if info is not None:
+        info["size"] = list(size)
     return np.stack(frames), fps
 
 
@@ -335,6 +345,11 @@ def write_png(path, image: np.ndarray) -> Path:
     with _atomic(path) as tmp:
         with open(tmp, "wb") as f:
             f.write(data.tobytes())
+        with open(tmp, "rb") as f:  # re-read before the file takes its name (bytes: any file name)
+            back = cv2.imdecode(np.frombuffer(f.read(), np.uint8), cv2.IMREAD_UNCHANGED)
+        if back is None or back.shape[:2] != image.shape[:2]:
+            got = None if back is None else back.shape[:2]
+            raise VideoWriteError(f"{path}: PNG reads back as {got}, expected {image.shape[:2]} (H, W)")
     return path
 
 
@@ -342,7 +357,12 @@ def write_png_frames(folder, frames: np.ndarray) -> list[Path]:
     """Write frames [T,H,W,3] as folder/frame_00000.png, frame_00001.png, ..."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    return [write_png(folder / f"frame_{i:05d}.png", frame) for i, frame in enumerate(_check_frames(frames))]
+    frames = _check_frames(frames)
+    written = [write_png(folder / f"frame_{i:05d}.png", frame) for i, frame in enumerate(frames)]
+    stale = sorted(set(folder.glob("frame_*.png")) - set(written))  # a longer earlier clip's frames
+    for p in stale:
+        p.unlink()
+    return written
 
 
 def make_grid(images: np.ndarray, nrow: int = 8, pad: int = 2, pad_value: int = 0) -> np.ndarray:

@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader, Dataset
@@ -129,9 +130,12 @@ def decode_input(spec: InputSpec, cfg: EncodeConfig, sc: SyntheticConfig) -> dic
     if spec.path is None:
         frames, label = make_synthetic_video(spec.index, num_frames=sc.num_frames, size=sc.size, seed=sc.seed)
         assert label == spec.label, "make_synthetic_video labels changed"
-        fps = sc.fps
-    else:  # the whole file at once, then clips by index: one decode pass (memory: one decoded video)
-        frames, fps = read_video(spec.path)
+        fps, orig_size = sc.fps, list(frames.shape[1:3])
+        frames = resize_and_crop(frames, cfg.size)
+    else:  # one decode pass, each frame resized and cropped as it is read (memory: the small frames)
+        info = {}
+        frames, fps = read_video(spec.path, transform=lambda f: resize_and_crop(f, cfg.size), info=info)
+        orig_size = info["size"]
     stride = stride_for_fps(fps, cfg.target_fps) if cfg.target_fps > 0 else cfg.stride
     mode = "all" if cfg.max_clips is None else "uniform"
     try:
@@ -139,8 +143,8 @@ def decode_input(spec: InputSpec, cfg: EncodeConfig, sc: SyntheticConfig) -> dic
     except ValueError as e:
         return _failure(spec, str(e), "clips")
     span = (cfg.clip_len - 1) * stride + 1
-    clips = [(s, torch.from_numpy(resize_and_crop(frames[s : s + span : stride], cfg.size))) for s in starts]
-    return {"ok": True, "clips": clips, "stride": stride, "fps": fps, "orig_size": list(frames.shape[1:3])}
+    clips = [(s, torch.from_numpy(np.ascontiguousarray(frames[s : s + span : stride]))) for s in starts]
+    return {"ok": True, "clips": clips, "stride": stride, "fps": fps, "orig_size": orig_size}
 
 
 class InputDecoder(Dataset):
@@ -188,10 +192,15 @@ def decode_results(specs, cfg, sc, num_workers: int, known: dict, progress: Prog
     """Yield each spec's decode result in order; results in `known` (by relpath) are not re-decoded."""
     todo = [s for s in specs if s.relpath not in known]
     it = iter(_loader(InputDecoder(todo, cfg, sc), min(num_workers, len(todo))))
-    for i, spec in enumerate(specs):
-        progress.next = spec
-        result = known[spec.relpath] if spec.relpath in known else next(it)
-        progress.next = specs[i + 1] if i + 1 < len(specs) else None
+    fetched = 0
+    progress.next = todo[0] if todo else None  # never an input in `known`: each retry makes progress
+    for spec in specs:
+        if spec.relpath in known:
+            yield known[spec.relpath]
+            continue
+        result = next(it)
+        fetched += 1
+        progress.next = todo[fetched] if fetched < len(todo) else None
         yield result
 
 

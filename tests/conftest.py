@@ -2,47 +2,28 @@
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import socket
+import sys
+from pathlib import Path
 
 import pytest
 
+NETGUARD = Path(__file__).parent / "netguard"
+sys.path.insert(0, str(NETGUARD))
+import sitecustomize as netguard  # noqa: E402 - the guard every subprocess installs too
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TORCH_HOME", os.path.join(os.path.dirname(__file__), ".no-torch-home"))
-
-_real_connect = socket.socket.connect
-_real_connect_ex = socket.socket.connect_ex
-
-
-def _is_local(address) -> bool:
-    if isinstance(address, (str, bytes)):  # AF_UNIX path
-        return True
-    host = address[0]
-    if host in ("localhost", ""):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def _guarded_connect(self, address):
-    if not _is_local(address):
-        raise RuntimeError(f"test tried to reach the network: {address!r}")
-    return _real_connect(self, address)
-
-
-def _guarded_connect_ex(self, address):
-    if not _is_local(address):
-        raise RuntimeError(f"test tried to reach the network: {address!r}")
-    return _real_connect_ex(self, address)
+# subprocesses started by tests (with this environment or helpers.script_env) import the guard at start-up
+os.environ["LVD_BLOCK_NETWORK"] = "1"
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(NETGUARD), os.environ.get("PYTHONPATH")]))
 
 
 @pytest.fixture(autouse=True)
 def _no_network(monkeypatch):
-    monkeypatch.setattr(socket.socket, "connect", _guarded_connect)
-    monkeypatch.setattr(socket.socket, "connect_ex", _guarded_connect_ex)
+    monkeypatch.setattr(socket.socket, "connect", netguard._guarded_connect)
+    monkeypatch.setattr(socket.socket, "connect_ex", netguard._guarded_connect_ex)
     yield
 
 

@@ -43,7 +43,9 @@ def script_env(**extra: str) -> dict:
     """The test process's environment minus fault/debug switches, plus `extra`. One intra-op thread:
     on a shared 2-core machine, 2 OpenMP threads per process spin against any other load (10x slower)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LVD_FAULT_", "LVD_DEBUG_"))}
-    env.update({"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **extra})
+    netguard = str(ROOT / "tests" / "netguard")  # its sitecustomize blocks the network in the child too
+    env.update({"PYTHONPATH": os.pathsep.join([netguard, str(ROOT)]), "LVD_BLOCK_NETWORK": "1", "HF_HUB_OFFLINE": "1",
+                "OMP_NUM_THREADS": "1", **extra})  # fmt: skip
     return env
 
 

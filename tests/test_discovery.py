@@ -9,6 +9,7 @@ import pytest
 
 from data.discovery import MediaItem, assign_splits, discover, media_kind, split_of
 from data.errors import BadInputError
+from data.video_io import read_video
 
 
 def touch(path, data: bytes = b"x") -> None:
@@ -74,14 +75,20 @@ def test_missing_empty_and_no_media_are_errors(tmp_path):
 def test_symlink_loop_terminates_and_odd_names(tmp_path):
     touch(tmp_path / "a/clip.mp4")
     os.symlink(tmp_path, tmp_path / "a" / "loop")  # a/loop -> root: a cycle
-    os.symlink(tmp_path / "missing.mp4", tmp_path / "a" / "broken.mp4")  # dangling link: ignored
+    os.symlink(tmp_path / "missing.mp4", tmp_path / "a" / "broken.mp4")  # dangling link: listed, its reader fails
+    os.symlink(tmp_path / "a" / "self.mp4", tmp_path / "a" / "self.mp4")  # a link to itself
     raw = tmp_path / "a" / os.fsdecode(b"\xff\xfe-raw.mp4")  # not valid UTF-8
     touch(raw)
     items, classes = discover(tmp_path)
     assert classes == ["a"]
-    assert [it.relpath for it in items] == ["a/clip.mp4", "a/" + os.fsdecode(b"\xff\xfe-raw.mp4")]
-    assert items[1].path.exists()
-    split_of(items[1].relpath)  # hashing a surrogate-escaped name must not raise
+    assert [it.relpath for it in items] == ["a/broken.mp4", "a/clip.mp4", "a/self.mp4",
+                                            "a/" + os.fsdecode(b"\xff\xfe-raw.mp4")]  # fmt: skip
+    assert items[3].path.exists()
+    for broken in (items[0], items[2]):
+        with pytest.raises(BadInputError, match="broken symbolic link") as e:
+            read_video(broken.path)
+        assert e.value.path == str(broken.path)
+    split_of(items[3].relpath)  # hashing a surrogate-escaped name must not raise
 
 
 def test_media_kind():

@@ -67,6 +67,13 @@ def test_synthetic_round_trip(vae_dir, tmp_path):
             torch.testing.assert_close(un_whiten(x, loader.stats), direct[0], atol=2e-3, rtol=2e-3)  # float16
             seen += 1
     assert seen == 10
+    # stats.json is the per-channel mean and std over every latent written (posterior means)
+    means = np.concatenate([_npy(v) for e in m["shards"] for k, v in _members(out / e["name"]).items()
+                            if k.endswith(".mean.npy")], axis=1)  # [C, sum of T, h, w]  # fmt: skip
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["count"] == means[0].size
+    np.testing.assert_allclose(stats["mean"], means.mean(axis=(1, 2, 3)), rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(stats["std"], means.std(axis=(1, 2, 3)), rtol=1e-3, atol=1e-3)
 
 
 def test_rerun_is_byte_identical_and_resumes_after_interruption(vae_dir, tmp_path, capsys):
@@ -157,11 +164,14 @@ def _awkward_folder(root):
     _video(root / "cl ass.a" / "tiny.avi", 5, size=(6, 4))
     (root / "ünï" / "huge.png").write_bytes(cv2.imencode(".png", rng.integers(0, 255, (2160, 3840, 3), dtype=np.uint8))[1])
     good |= {"cl ass.a/vfr.mp4", "cl ass.a/tiny.avi", "ünï/huge.png"}
-    # a file the OS refuses to open (see _refuse_locked), a symlink loop and a dangling link (skipped)
+    # a file the OS refuses to open (see _refuse_locked), a folder symlink loop (visited once), and
+    # a dangling link and a file link loop (both listed as failures)
     _video(root / "ünï" / "locked.avi", 6)
     bad["ünï/locked.avi"] = "decode"
     os.symlink(root, root / "cl ass.a" / "loop")
     os.symlink(root / "gone.mp4", root / "ünï" / "dangling.mp4")
+    os.symlink(root / "ünï" / "self.mkv", root / "ünï" / "self.mkv")
+    bad["ünï/dangling.mp4"] = bad["ünï/self.mkv"] = "decode"
     return good | set(images), bad
 
 
@@ -209,6 +219,7 @@ def test_awkward_inputs_are_encoded_or_listed(vae_dir, tmp_path, monkeypatch):
     assert all(f["reason"] for f in failures.values())
     assert "permission denied" in failures["ünï/locked.avi"]["reason"]
     assert "frames" in failures["ünï/one frame.avi"]["reason"]
+    assert all("broken symbolic link" in failures[k]["reason"] for k in ("ünï/dangling.mp4", "ünï/self.mkv"))
     sources = {}
     for entry in load_manifest(out)["shards"]:
         with tarfile.open(out / entry["name"]) as tar:
@@ -251,3 +262,16 @@ def test_clear_errors(vae_dir, tmp_path, capsys):
     assert "missing" in capsys.readouterr().err
     assert verify_cli.main([str(tmp_path / "o")]) == 1
     assert "manifest not found" in capsys.readouterr().out
+
+
+def test_the_crash_suspect_is_never_an_input_decoded_already(monkeypatch):
+    """After a worker dies the suspect (the first input not yet received) is decoded alone and
+    remembered; it must never be one already remembered, or the retry loop would not progress."""
+    monkeypatch.setattr(enc, "decode_input", lambda spec, cfg, sc: {"ok": True, "name": spec.relpath})
+    specs = [enc.InputSpec("video", name, None) for name in "abcde"]
+    known, progress = {"b": {"ok": True, "name": "b"}, "c": {"ok": True, "name": "c"}}, enc.Progress()
+    results = enc.decode_results(specs, None, None, 0, known, progress)
+    suspects = []
+    for result in results:
+        suspects.append((result["name"], progress.next and progress.next.relpath))
+    assert suspects == [("a", "d"), ("b", "d"), ("c", "d"), ("d", "e"), ("e", None)]

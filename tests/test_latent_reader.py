@@ -195,3 +195,14 @@ def test_manifest_checks_at_start(tmp_path):
     (tmp_path / "video-000000.tar").unlink()
     with pytest.raises(ShardError, match=r"video-000000\.tar: missing"):
         make_latent_loader(tmp_path, batch_size=2)
+
+
+def test_brace_expanded_shard_names_read_just_those_shards(tmp_path):
+    means = make_folder(tmp_path, [3, 2, 4])
+    loader = make_latent_loader(str(tmp_path / "video-{000000..000001}.tar"), batch_size=1, shuffle_buffer=0)
+    got = keys_of(loader)
+    assert len(got) == 5 and set(got) < set(means)  # shards 0 and 1 only: 3 + 2 samples
+    assert sorted(keys_of(make_latent_loader(str(tmp_path / "video-{000000..000002}.tar"), batch_size=1,
+                                             shuffle_buffer=0))) == sorted(means)  # fmt: skip
+    with pytest.raises(ShardError, match=r"does not list \['video-000003\.tar'\]"):
+        make_latent_loader(str(tmp_path / "video-{000002..000003}.tar"), batch_size=1)

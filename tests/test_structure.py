@@ -87,25 +87,56 @@ def _source_files():
         yield from (ROOT / d).rglob("*.py")
 
 
+PICKLE_MODULES = ("pickle", "dill", "cloudpickle", "joblib", "shelve", "marshal")
+
+
+def _load_aliases(tree) -> tuple[set[str], set[str]]:
+    """Spellings that reach torch.load and np.load in one module, imports with `as` included."""
+    torch_load, np_load = {"torch.load", "torch.serialization.load"}, {"np.load", "numpy.load"}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name in ("torch", "numpy") and a.asname:
+                    (torch_load if a.name == "torch" else np_load).add(f"{a.asname}.load")
+        elif isinstance(node, ast.ImportFrom) and node.module in ("torch", "torch.serialization", "numpy"):
+            for a in node.names:
+                if a.name == "load":
+                    (np_load if node.module == "numpy" else torch_load).add(a.asname or "load")
+    return torch_load, np_load
+
+
+def unpickling_calls(source: str, name: str) -> list[str]:
+    """Every place in `source` that imports a pickle module, calls torch.load without
+    weights_only=True, or np.load without an explicit allow_pickle=False."""
+    tree, bad = ast.parse(source), []
+    torch_load, np_load = _load_aliases(tree)
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [a.name for a in node.names] + [getattr(node, "module", None) or ""]
+            if any(n.split(".")[0] in PICKLE_MODULES for n in names):
+                bad.append(f"{name}:{node.lineno} imports a pickle module")
+        if not isinstance(node, ast.Call):
+            continue
+        func = ast.unparse(node.func)
+        kw = {k.arg: ast.unparse(k.value) for k in node.keywords}
+        if func in torch_load and kw.get("weights_only") != "True":
+            bad.append(f"{name}:{node.lineno} torch.load without weights_only=True")
+        if func in np_load and kw.get("allow_pickle") != "False":
+            bad.append(f"{name}:{node.lineno} np.load without an explicit allow_pickle=False")
+    return bad
+
+
+def test_the_unpickling_scan_catches_aliases():
+    cases = {"import pickle": 1, "from joblib import load": 1, "import torch\ntorch.load(p)": 1,
+             "import torch as T\nT.load(p, weights_only=False)": 1, "from torch import load\nload(p)": 1,
+             "from torch import load as tl\ntl(p)": 1, "import numpy as xp\nxp.load(p)": 1,
+             "from numpy import load\nload(p, allow_pickle=True)": 1,
+             "import torch\ntorch.load(p, weights_only=True)": 0, "import numpy as np\nnp.load(p, allow_pickle=False)": 0,
+             "import json\njson.load(f)": 0}  # fmt: skip
+    assert {src: len(unpickling_calls(src, "x.py")) for src in cases} == cases
+
+
 def test_no_unpickling_anywhere():
     """torch.load needs weights_only=True; pickle / np.load(allow_pickle=True) never appear."""
-    bad = []
-    for path in _source_files():
-        tree = ast.parse(path.read_text())
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.Import, ast.ImportFrom)):
-                names = [a.name for a in node.names] + [getattr(node, "module", None) or ""]
-                if any(n.split(".")[0] in ("pickle", "dill", "cloudpickle", "joblib") for n in names):
-                    bad.append(f"{path}:{node.lineno} imports a pickle module")
-            if not isinstance(node, ast.Call):
-                continue
-            func = ast.unparse(node.func)
-            kw = {k.arg: ast.unparse(k.value) for k in node.keywords}
-            if func.endswith("torch.load") or func == "load" and "weights_only" in kw:
-                if kw.get("weights_only") != "True":
-                    bad.append(f"{path}:{node.lineno} torch.load without weights_only=True")
-            if func.endswith("np.load") and kw.get("allow_pickle", "False") != "False":
-                bad.append(f"{path}:{node.lineno} np.load with allow_pickle")
-            if func.endswith("np.load") and "allow_pickle" not in kw:
-                bad.append(f"{path}:{node.lineno} np.load without explicit allow_pickle=False")
+    bad = [b for path in _source_files() for b in unpickling_calls(path.read_text(), str(path))]
     assert not bad, bad

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import pickle
 
+import av
 import cv2
 import numpy as np
 import pytest
@@ -77,6 +78,8 @@ def test_mp4_round_trip_is_h264_rgb_and_atomic(mp4_file):
     frames, fps = read_video(mp4_file)
     assert frames.shape == (T, H, W, 3) and frames.dtype == np.uint8 and fps == pytest.approx(8.0)
     assert video_codec(mp4_file) == "h264"
+    with av.open(str(mp4_file)) as f:  # browsers play H.264 in yuv420p only
+        assert f.streams.video[0].codec_context.pix_fmt == "yuv420p"
     assert np.abs(frames.astype(int) - moving_red_disc().astype(int)).mean() < 4
     r, g, b = frames[0, H // 2, 6].astype(int)  # disc centre: red stays red (no BGR mix-up)
     assert r > 200 and g < 60 and b < 60
@@ -298,11 +301,20 @@ def test_read_image_bad_and_unicode(tmp_path):
         assert (read_image(tmp_path / name) == img).all()
 
 
+def test_png_that_does_not_read_back_is_refused_and_not_left(tmp_path, monkeypatch):
+    monkeypatch.setattr(video_io.cv2, "imdecode", lambda *a: None)  # as if the bytes on disk were damaged
+    with pytest.raises(VideoWriteError, match="reads back"):
+        write_png(tmp_path / "x.png", np.zeros((4, 5, 3), np.uint8))
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_png_frames_and_grid(tmp_path):
     frames = moving_red_disc(3, 8, 10)
     paths = write_png_frames(tmp_path / "f", frames)
     assert [p.name for p in paths] == ["frame_00000.png", "frame_00001.png", "frame_00002.png"]
     assert all((read_image(p) == f).all() for p, f in zip(paths, frames))
+    assert len(write_png_frames(tmp_path / "f", frames[:2])) == 2  # a shorter clip into the same folder
+    assert sorted(p.name for p in (tmp_path / "f").iterdir()) == ["frame_00000.png", "frame_00001.png"]
     images = np.stack([np.full((8, 10, 3), 10 * (i + 1), np.uint8) for i in range(5)])
     grid = make_grid(images, nrow=3, pad=2)
     assert grid.shape == (2 * 10 + 2, 3 * 12 + 2, 3)
