@@ -188,3 +188,18 @@ def test_fp16_skipped_step_updates_the_scaler_and_the_next_step_works():
             assert not np.isfinite(norm) and acc.scaler.get_scale() == 512.0  # lowered, as on an overflow
             assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert np.isfinite(norm) and any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_a_job_without_workers_gets_its_threads_back(monkeypatch):
+    """encode_latents with 2 workers leaves the main process 1 thread; stage 2 run next in the same
+    process (as the demo does) with 0 workers must get the default count back."""
+    from scripts.runtime import training
+
+    monkeypatch.setattr(training, "DEFAULT_CPU_THREADS", 2)
+    monkeypatch.setattr(training.os, "cpu_count", lambda: 2)
+    training.limit_cpu_threads(2, "cpu")
+    assert torch.get_num_threads() == 1
+    training.limit_cpu_threads(0, "cpu")
+    assert torch.get_num_threads() == 2
+    training.limit_cpu_threads(1, "cpu")
+    assert torch.get_num_threads() == 1

@@ -40,11 +40,20 @@ def make_accelerator(train_cfg, output_dir: Path):
     )
 
 
+DEFAULT_CPU_THREADS = torch.get_num_threads()  # this process's intra-op threads (OMP_NUM_THREADS or the cores)
+
+
 def limit_cpu_threads(num_workers: int, device) -> None:
     """Leave a core to each DataLoader worker: on CPU the main process's OpenMP threads otherwise
-    spin against the workers (measured: encoding 20x slower with 2 workers on 2 cores)."""
-    if num_workers > 0 and torch.device(device).type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) - num_workers))
+    spin against the workers (measured: encoding 20x slower with 2 workers on 2 cores). With no
+    workers the default count is restored, so a job run after another in the same process (the
+    demo trains stage 2 right after encoding with 2 workers) gets its cores back."""
+    if torch.device(device).type != "cpu":
+        return
+    if num_workers > 0:
+        torch.set_num_threads(max(1, min(DEFAULT_CPU_THREADS, (os.cpu_count() or 1) - num_workers)))
+    else:
+        torch.set_num_threads(DEFAULT_CPU_THREADS)
 
 
 def step_seed(seed: int, step: int, rank: int, stream: str = "") -> int:
