@@ -12,6 +12,7 @@ come from torch.utils.flop_counter during the warm-up call; GFLOP/s = FLOPs / me
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -25,8 +26,8 @@ from contextlib import nullcontext
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-BENCHES = ("vae", "reader", "unet", "sampling", "sampler_quality")
-DEFAULT_BENCHES = BENCHES[:4]  # sampler_quality needs a trained demo (make demo) and ~10 CPU minutes
+BENCHES = ("vae", "encode", "reader", "unet", "sampling", "sampler_quality")
+DEFAULT_BENCHES = BENCHES[:5]  # sampler_quality needs a trained demo (make demo) and ~10 CPU minutes
 SAMPLER_QUALITY_RUNS = [("training", 0), ("ddpm", 250), ("dpmpp_2m", 5), ("dpmpp_2m", 10), ("dpmpp_2m", 15),
                         ("dpmpp_2m", 25), ("dpmpp_2m", 50), ("ddim", 50)]
 MEM_METHOD = {
@@ -34,7 +35,7 @@ MEM_METHOD = {
     "cuda": "torch.cuda.max_memory_allocated over warm-up + timed calls minus memory allocated once model and inputs exist",
 }
 # default repeats per bench (timed calls after one warm-up call); --repeats overrides all of them
-REPEATS = {"vae": 3, "reader": 3, "unet": 2, "sampling": 1, "sampler_quality": 1}
+REPEATS = {"vae": 3, "encode": 2, "reader": 3, "unet": 1, "sampling": 1, "sampler_quality": 1}
 
 # ----------------------------------------------------------------------------- worker side (one measurement)
 
@@ -131,16 +132,18 @@ def _warm_runtime(device) -> None:
         F.scaled_dot_product_attention(y[:, None], y[:, None], y[:, None]).sum().backward()
 
 
-def _measure(spec: dict, call, device, sync, count_flops: bool = True) -> dict:
-    """Warm-up call (FLOPs counted there), then `repeats` timed calls: median ms, GFLOP, peak memory."""
+def _measure(spec: dict, call, device, sync, count_flops: bool = True, warmup: bool = True) -> dict:
+    """Warm-up call (FLOPs counted there), then `repeats` timed calls: median ms, GFLOP, peak memory.
+    warmup=False (no FLOPs) when the caller has warmed the kernels up itself."""
     from torch.utils.flop_counter import FlopCounterMode
 
     _warm_runtime(device)
     mem = PeakMemory(device)
     mem.start()
     counter = FlopCounterMode(display=False) if count_flops else nullcontext()
-    with counter:
-        call()
+    if warmup:
+        with counter:
+            call()
     times = []
     for _ in range(spec["repeats"]):
         sync()
@@ -177,13 +180,25 @@ def _build_vae(impl: str, config: str):
 
 
 def run_vae(spec: dict) -> dict:
-    """Frames/s of encode or decode of N frames at hw x hw, under no_grad."""
+    """Frames/s of encode or decode of N frames at hw x hw, under no_grad; op "encode_video": one
+    video [1, 3, T, hw, hw] through autoencoder.video.encode_video in chunks of `chunk` frames."""
     import torch
 
     device, autocast, sync = _setup(spec)
     vae, encode, decode, f = _build_vae(spec["impl"], spec["config"])
     vae.to(device).eval()
     n, hw = spec["N"], spec["hw"]
+    if spec["op"] == "encode_video":
+        from autoencoder.video import encode_video
+
+        video = torch.randn(1, 3, spec["T"], hw, hw, device=device).clamp(-1, 1)
+
+        def call_video():
+            with torch.no_grad(), autocast():
+                return encode_video(vae, video, chunk_size=spec["chunk"])
+
+        out = _measure(spec, call_video, device, sync)
+        return {**out, "frames_per_s": spec["T"] / (out["ms"] / 1e3)}
     x = torch.randn(n, 3, hw, hw, device=device).clamp(-1, 1)
     z = torch.randn(n, 4, hw // f, hw // f, device=device)
 
@@ -298,6 +313,42 @@ def run_reader(spec: dict) -> dict:
             "reader_headroom": reader_sps / consumed, "peak_mem_mb": max(reader["peak_mem_mb"], train["peak_mem_mb"])}  # fmt: skip
 
 
+def run_encode(spec: dict) -> dict:
+    """scripts.encode_latents on `videos` synthetic mp4 files (frames x size^2) with an untrained VAE of
+    the config and `workers` decoding processes: clips/s and frames/s of the whole run (discovery,
+    decoding, encoding, shard writing). Peak memory is the main process's only."""
+    import yaml
+
+    from autoencoder.config import VAEConfig
+    from autoencoder.model import FrameVAE
+    from data.shards import load_manifest
+    from scripts import encode_latents, make_synthetic
+
+    device, _, _ = _setup(spec)
+    with tempfile.TemporaryDirectory() as tmp:
+        data, vae_dir, out = Path(tmp) / "data", Path(tmp) / "vae", Path(tmp) / "shards"
+        with contextlib.redirect_stdout(sys.stderr):
+            make_synthetic.main(["--output-dir", str(data), "--num-videos", str(spec["videos"]), "--frames",
+                                 str(spec["frames"]), "--size", str(spec["size"])])  # fmt: skip
+        FrameVAE(VAEConfig(**_model_section("autoencoder", spec["config"]))).save_pretrained(vae_dir)
+        cfg = yaml.safe_load((ROOT / "configs" / "encode" / "demo.yaml").read_text())["encode"]
+        settings = {**cfg, "size": spec["encode_size"], "clip_len": spec["clip_len"], "num_workers": spec["workers"]}
+        argv = ["--autoencoder", str(vae_dir), "--data", str(data), *[f"encode.{k}={v}" for k, v in settings.items()]]
+        times, mem = [], PeakMemory(device)
+        mem.start()
+        for i in range(spec["repeats"]):
+            start = time.perf_counter()
+            with contextlib.redirect_stdout(sys.stderr):
+                if encode_latents.main([*argv, "--output-dir", str(out / str(i))]) != 0:
+                    raise SystemExit("encode_latents failed")
+            times.append(time.perf_counter() - start)
+        totals = load_manifest(out / "0")["totals"]
+    seconds = statistics.median(times)
+    clips = totals["video_samples"]
+    return {"s": seconds, "times_s": [round(t, 3) for t in times], "clips": clips, "clips_per_s": clips / seconds,
+            "frames_per_s": clips * spec["clip_len"] / seconds, "peak_mem_mb": mem.peak_mb()}  # fmt: skip
+
+
 def run_sampling(spec: dict) -> dict:
     """Seconds per video of diffusion.sampling.sample at the config, batch 1."""
     import torch
@@ -321,8 +372,9 @@ def run_sampling(spec: dict) -> dict:
     with torch.no_grad():
         model(torch.randn(shape, device=device), torch.zeros(1, device=device))  # warm-up
     calls.clear()
-    out = _measure(spec, lambda: sample(model, shape, **kwargs), device, sync, count_flops=False)
-    nfe = len(calls) // (spec["repeats"] + 1)  # warm-up sample + timed samples
+    # the single call above warmed the kernels up: every full sample is timed
+    out = _measure(spec, lambda: sample(model, shape, **kwargs), device, sync, count_flops=False, warmup=False)
+    nfe = len(calls) // spec["repeats"]
     return {**out, "s_per_video": out["ms"] / 1e3, "nfe": nfe, "ms_per_nfe": out["ms"] / max(nfe, 1)}
 
 
@@ -404,7 +456,7 @@ def run_sampler_quality(spec: dict) -> dict:
     return result
 
 
-WORKERS = {"vae": run_vae, "unet": run_unet, "reader": run_reader, "sampling": run_sampling,
+WORKERS = {"vae": run_vae, "unet": run_unet, "reader": run_reader, "encode": run_encode, "sampling": run_sampling,
            "sampler_quality": run_sampler_quality}
 
 # ----------------------------------------------------------------------------- parent side (plan, spawn, report)
@@ -414,7 +466,16 @@ def plan(bench: str, quick: bool) -> list[dict]:
     """Measurements of one bench: each dict is a worker spec minus device/dtype/repeats/impl."""
     if bench == "vae":
         sizes = [("tiny", 32, 2)] if quick else [(c, hw, 8 if c == "tiny" else 2) for c in ("tiny", "base") for hw in (64, 128)]
-        return [dict(bench="vae", config=c, hw=hw, N=n, op=op) for c, hw, n in sizes for op in ("encode", "decode")]
+        frames = [dict(bench="vae", config=c, hw=hw, N=n, op=op) for c, hw, n in sizes for op in ("encode", "decode")]
+        # chunked video encoding: peak memory flat in T (chunk 8), against one chunk of all T frames
+        lengths = [(4, 2)] if quick else [(8, 8), (32, 8), (128, 8), (128, 128)]
+        return frames + [dict(bench="vae", config="tiny", hw=32 if quick else 64, N=1, op="encode_video", T=t, chunk=k)
+                         for t, k in lengths]  # fmt: skip
+    if bench == "encode":
+        # demo-sized inputs (decoding is cheap), and 128x128 sources resized to 64 (decoding matters)
+        runs = [("tiny", 4, 8, 32, 32)] if quick else [("demo", 48, 16, 32, 32), ("tiny", 24, 32, 128, 64)]
+        return [dict(bench="encode", config=c, videos=n, frames=f, size=sz, encode_size=es, clip_len=8, workers=w)
+                for c, n, f, sz, es in runs for w in ((0,) if quick else (0, 2))]  # fmt: skip
     if bench == "reader":
         return [dict(bench="reader", config="tiny", B=2, T=4, hw=8, samples=16) if quick
                 else dict(bench="reader", config="demo", B=8, T=8, hw=8, samples=512)]  # fmt: skip
@@ -466,7 +527,7 @@ def _ratios(bench: str, ours: dict, ref: dict) -> dict:
 
 def report(spec: dict, ours: dict, ref: dict | None, reason: str | None, args) -> dict:
     """One output line: the spec, our figures, the reference's (or null + reason), ratios, context."""
-    line = {k: v for k, v in spec.items() if k not in ("repeats", "impl", "device", "dtype", "threads", "cache")}
+    line = {k: v for k, v in spec.items() if k not in ("repeats", "impl", "device", "dtype", "threads", "cache", "full_reference")}
     line["bench"] = {"vae": f"vae_{spec.get('op')}", "unet": "unet_train_step"}.get(spec["bench"], spec["bench"])
     line.update(ours)
     if spec["bench"] in ("vae", "unet"):
@@ -491,8 +552,12 @@ def _threads(args) -> int:
 def _reference_for(spec: dict, reason: str | None) -> tuple[dict | None, str | None]:
     if spec["bench"] not in ("vae", "unet") or reason is not None:
         return None, reason
+    if spec.get("op") == "encode_video":
+        return None, "ours only (memory in T of autoencoder.video.encode_video)"
     if spec["bench"] == "unet" and spec.get("gc"):
         return None, "reference measured without gradient checkpointing only (time budget)"
+    if spec["bench"] == "unet" and spec["T"] > 16 and not spec.get("full_reference"):
+        return None, "reference at T > 16 only with --full-reference (4 CPU minutes at T = 32)"
     ref = spawn({**spec, "impl": "diffusers"})
     name = "diffusers.AutoencoderKL" if spec["bench"] == "vae" else "diffusers.UNet3DConditionModel"
     return {"name": name, **ref}, None
@@ -506,9 +571,10 @@ def _scaling_line(lines: list[dict]) -> dict | None:
     out = {"bench": "unet_time_per_frame", "config": runs[0]["config"], "T": [r["T"] for r in runs],
            "ms_per_frame": [round(r["ms_per_frame"], 2) for r in runs]}  # fmt: skip
     out["max_over_min"] = max(out["ms_per_frame"]) / min(out["ms_per_frame"])
-    refs = [r["reference"] for r in runs if r.get("reference") and "ms_per_frame" in r["reference"]]
-    if len(refs) == len(runs):
-        out["reference_ms_per_frame"] = [round(r["ms_per_frame"], 2) for r in refs]
+    refs = [(r["T"], r["reference"]["ms_per_frame"]) for r in runs if r.get("reference") and "ms_per_frame" in r["reference"]]
+    if len(refs) >= 2:  # the Ts the reference ran at (T > 16 only with --full-reference)
+        out["reference_T"] = [t for t, _ in refs]
+        out["reference_ms_per_frame"] = [round(ms, 2) for _, ms in refs]
         out["reference_max_over_min"] = max(out["reference_ms_per_frame"]) / min(out["reference_ms_per_frame"])
     return out
 
@@ -526,6 +592,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast, fp32 weights")
     p.add_argument("--threads", type=int, default=None, help="CPU threads per measurement (default: torch's)")
     p.add_argument("--no-reference", action="store_true", help="skip the diffusers reference models")
+    p.add_argument("--full-reference", action="store_true", help="also the reference U-Net at T = 32 (slow on CPU)")
     p.add_argument("--output", type=Path, default=None, help="also write the JSON lines to this file")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: one measurement, JSON spec
     return p
@@ -551,7 +618,7 @@ def main(argv=None) -> int:
             for index, item in enumerate(items):
                 repeats = args.repeats or (1 if args.quick else REPEATS[bench])
                 spec = {**item, "impl": "ours", "device": args.device, "dtype": args.dtype, "repeats": repeats,
-                        "threads": args.threads}
+                        "threads": args.threads, "full_reference": args.full_reference}
                 if bench == "sampler_quality":
                     spec.update(demo_dir=str(args.demo_dir), cache=str(Path(scratch) / "ddpm250.pt"))
                     missing = [p for p in ("diffusion/export", "vae/export", "shards") if not (args.demo_dir / p).exists()]

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 STAGES = ("data", "vae", "encode", "diffusion", "sample")
+SIZE = 32  # frame size of the synthetic videos
 
 
 def parse_args(argv):
@@ -48,7 +49,8 @@ def run_stage(out: Path, name: str, fn, fresh: bool) -> float:
 
 def motion_report(data_dir: Path, sample_dir: Path) -> dict:
     """Track the object's centre in the training videos and in the samples and compare how
-    smoothly it moves (mean |second difference| / mean speed; lower is smoother)."""
+    smoothly it moves (mean |second difference| / mean speed; lower is smoother) and how fast, in
+    pixels per frame at the training size (the sample videos are upscaled)."""
     from data.synthetic import object_centres, path_smoothness
     from data.video_io import read_video
 
@@ -60,7 +62,7 @@ def motion_report(data_dir: Path, sample_dir: Path) -> dict:
             if np.isnan(c).any():
                 continue
             smooth.append(path_smoothness(c))
-            speed.append(float(np.linalg.norm(np.diff(c, axis=0), axis=1).mean()))
+            speed.append(float(np.linalg.norm(np.diff(c, axis=0), axis=1).mean()) * SIZE / frames.shape[2])
         return {"videos": len(smooth), "smoothness": float(np.mean(smooth)) if smooth else float("nan"),
                 "speed_px_per_frame": float(np.mean(speed)) if speed else float("nan")}
 
@@ -87,7 +89,7 @@ def main(argv=None) -> int:
     diff_steps = [] if args.diffusion_steps is None else [f"train.max_steps={args.diffusion_steps}"]
     plan = {
         "data": lambda: make_synthetic.main(["--output-dir", str(data), "--num-videos", str(args.num_videos),
-                                             "--frames", "16", "--size", "32", "--fps", "8"]),
+                                             "--frames", "16", "--size", str(SIZE), "--fps", "8"]),
         "vae": lambda: train_autoencoder.main(["--config", args.vae_config, "--data", str(data),
                                                "--output-dir", str(vae), *vae_steps]),
         "encode": lambda: encode_latents.main(["--autoencoder", str(vae / "export"), "--data", str(data),

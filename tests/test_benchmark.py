@@ -10,6 +10,8 @@ from scripts import benchmark
 EXPECTED = {
     "vae_encode": ("ms", "frames_per_s", "gflops", "gflop_per_s", "peak_mem_mb"),
     "vae_decode": ("ms", "frames_per_s", "gflops", "gflop_per_s", "peak_mem_mb"),
+    "vae_encode_video": ("ms", "frames_per_s", "gflops"),
+    "encode": ("s", "clips", "clips_per_s", "frames_per_s"),
     "reader": ("reader_samples_per_s", "train_step_ms", "train_samples_per_s", "reader_headroom"),
     "unet_train_step": ("ms", "ms_per_frame", "gflops", "gflop_per_s", "peak_mem_mb", "params_m"),
     "sampling": ("ms", "s_per_video", "ms_per_nfe", "nfe"),

@@ -275,3 +275,34 @@ def test_the_crash_suspect_is_never_an_input_decoded_already(monkeypatch):
     for result in results:
         suspects.append((result["name"], progress.next and progress.next.relpath))
     assert suspects == [("a", "d"), ("b", "d"), ("c", "d"), ("d", "e"), ("e", None)]
+
+
+@pytest.mark.slow
+def test_encoding_killed_mid_run_resumes_to_the_same_bytes(vae_dir, tmp_path):
+    """A real SIGKILL of `python -m scripts.encode_latents` once its second shard is on disk; the
+    same command run again keeps the finished shards and ends byte-identical to an uninterrupted run."""
+    import time
+
+    from helpers import run_script, start_script
+
+    args = ["--autoencoder", vae_dir, "--data", "synthetic", "--num-workers", "0", "synthetic.num_videos=24",
+            "synthetic.num_frames=8", "synthetic.size=32", "encode.size=32", "encode.clip_len=4",
+            "encode.videos_per_shard=1", "encode.batch_size=2"]  # fmt: skip
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    done = run_script("encode_latents", *args, "--output-dir", whole)
+    assert done.returncode == 0, done.stderr[-2000:]
+    proc = start_script("encode_latents", *args, "--output-dir", killed)
+    deadline = time.time() + 120
+    while not (killed / "video-000001.meta.json").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not (killed / "manifest.json").exists()  # killed mid-run
+    finished = sorted(p.name.replace(".meta.json", ".tar") for p in killed.glob("video-*.meta.json"))  # sidecar last
+    assert 2 <= len(finished) < 24
+    before = {name: (killed / name).read_bytes() for name in finished}
+    again = run_script("encode_latents", *args, "--output-dir", killed)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"24 shards; {len(finished)} complete already" in again.stdout
+    assert all((killed / name).read_bytes() == data for name, data in before.items())  # kept, not redone
+    assert files(killed) == files(whole) and not list(killed.glob("*.tmp"))
