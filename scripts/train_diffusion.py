@@ -295,13 +295,12 @@ def train_step(acc, model, diffusion, opt, sched, guard, cfg, vb, ib, step):
                 loss_img = out["loss"].sum() / total
             acc.backward(_poison(loss_img, step + 1))
             logs["loss_image"] = out["loss"].mean().item()
-        loss_mask = None  # a model without frame conditioning is given no frames: loss on all of them
+        kwargs, loss_mask = {}, None  # a model without frame conditioning is given no frames: loss on all
         if cfg.model.frame_conditioning:
             cond_mask, loss_mask = frame_conditioning(x_vid, cc, g)
-        labels = labels_with_dropout(vb["label"], cfg.model.num_classes, cc.class_dropout, g)
-        kwargs = _kw(labels, device)
-        if cfg.model.frame_conditioning:
             kwargs.update(cond_frames=x_vid * cond_mask, cond_mask=cond_mask)
+        labels = labels_with_dropout(vb["label"], cfg.model.num_classes, cc.class_dropout, g)
+        kwargs.update(_kw(labels, device))
         with acc.autocast():
             out = diffusion.training_losses(model, x_vid, model_kwargs=kwargs, frame_mask=loss_mask, generator=g)
             loss_vid = out["loss"].sum() / total
