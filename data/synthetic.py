@@ -166,3 +166,24 @@ def path_smoothness(centres: np.ndarray) -> float:
     speed = mean_speed(c)
     acc = float(np.nanmean(accel))
     return 0.0 if speed < 1e-9 and acc < 1e-9 else acc / max(speed, 1e-9)
+
+
+def motion_summary(videos, *, size: int | None = None, jump_px: float = 4.0) -> dict:
+    """Track the object in each video (uint8 [T,H,W,3]) and summarise its motion over the videos in
+    which it is found in every frame: `videos` (how many), mean `smoothness` (path_smoothness), mean
+    `speed_px` (mean_speed) and `jump_rate` (share of frame-to-frame moves over `jump_px`). Distances
+    are in pixels of a `size`-wide frame (default: each video's own width; upscaled videos are
+    measured at the size they were generated at). NaN figures when no video is tracked."""
+    smooth, speed, jumps = [], [], []
+    for frames in videos:
+        c = object_centres(frames)
+        if np.isnan(c).any():
+            continue
+        c = c * ((size or frames.shape[2]) / frames.shape[2])
+        smooth.append(path_smoothness(c))
+        speed.append(mean_speed(c))
+        jumps.append(float((np.linalg.norm(np.diff(c, axis=0), axis=1) > jump_px).mean()))
+    def mean(xs):
+        return float(np.mean(xs)) if xs else float("nan")
+
+    return {"videos": len(smooth), "smoothness": mean(smooth), "speed_px": mean(speed), "jump_rate": mean(jumps)}

@@ -409,12 +409,11 @@ def run_sampler_quality(spec: dict) -> dict:
     training clips and to the DDPM-250 samples (cached by the parent); and, tracking the decoded
     object's centre, its path smoothness (data.synthetic.path_smoothness), mean speed in pixels per
     frame and the share of frame-to-frame moves over JUMP_PX (the "training" row is the target)."""
-    import numpy as np
     import torch
 
     from autoencoder.model import FrameVAE
     from data.latents import make_latent_loader
-    from data.synthetic import object_centres, path_smoothness
+    from data.synthetic import motion_summary
     from scripts.runtime.export import load_diffusion_export
     from scripts.runtime.generation import decode_to_uint8, generate, un_whiten
 
@@ -447,13 +446,9 @@ def run_sampler_quality(spec: dict) -> dict:
         result["fd_to_ddpm250"] = frechet_distance(feats, _clip_features(torch.load(cache, weights_only=True)))
     vae = FrameVAE.from_pretrained(demo / "vae" / "export").to(device).eval()
     frames = decode_to_uint8(vae, un_whiten(out, lat["stats"]), device=device)
-    paths = [c for c in map(object_centres, frames) if not np.isnan(c).any()]  # object found in every frame
-    steps_px = [np.linalg.norm(np.diff(c, axis=0), axis=1) for c in paths]
-    result["tracked_videos"] = len(paths)
-    result["smoothness"] = float(np.mean([path_smoothness(c) for c in paths])) if paths else float("nan")
-    result["speed_px"] = float(np.mean([d.mean() for d in steps_px])) if paths else float("nan")
-    result["jump_rate"] = float(np.mean([(d > JUMP_PX).mean() for d in steps_px])) if paths else float("nan")
-    return result
+    motion = motion_summary(frames, jump_px=JUMP_PX)  # videos with the object found in every frame
+    result["tracked_videos"] = motion.pop("videos")
+    return {**result, **motion}
 
 
 WORKERS = {"vae": run_vae, "unet": run_unet, "reader": run_reader, "encode": run_encode, "sampling": run_sampling,

@@ -13,8 +13,6 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
-
 STAGES = ("data", "vae", "encode", "diffusion", "sample")
 SIZE = 32  # frame size of the synthetic videos
 
@@ -54,20 +52,12 @@ def motion_report(data_dir: Path, sample_dir: Path) -> dict:
     """Track the object's centre in the training videos and in the samples and compare how
     smoothly it moves (mean |second difference| / mean speed; lower is smoother) and how fast, in
     pixels per frame at the training size (the sample videos are upscaled)."""
-    from data.synthetic import object_centres, path_smoothness
+    from data.synthetic import motion_summary
     from data.video_io import read_video
 
     def measure(paths):
-        smooth, speed = [], []
-        for p in paths:
-            frames, _ = read_video(p)
-            c = object_centres(frames)
-            if np.isnan(c).any():
-                continue
-            smooth.append(path_smoothness(c))
-            speed.append(float(np.linalg.norm(np.diff(c, axis=0), axis=1).mean()) * SIZE / frames.shape[2])
-        return {"videos": len(smooth), "smoothness": float(np.mean(smooth)) if smooth else float("nan"),
-                "speed_px_per_frame": float(np.mean(speed)) if speed else float("nan")}
+        m = motion_summary((read_video(p)[0] for p in paths), size=SIZE)
+        return {"videos": m["videos"], "smoothness": m["smoothness"], "speed_px_per_frame": m["speed_px"]}
 
     train = sorted(data_dir.rglob("*.mp4"))[:32]
     samples = sorted(p for p in sample_dir.glob("*.mp4"))

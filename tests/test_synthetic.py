@@ -133,3 +133,21 @@ def test_make_synthetic_cli(tmp_path, capsys):
     assert info.value.code == 0 and "--output-dir" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         make_synthetic.main(["--output-dir", str(out), "--num-videos", "0"])
+
+
+def test_motion_summary_counts_jumps_at_the_generated_size():
+    """A square moving 1 px per frame with one 6 px teleport: 1 jump in 7 moves; the same video
+    upscaled x4 and measured at size 32 gives the same figures; a video without the object is left out."""
+    from data.synthetic import motion_summary
+
+    xs = [4, 5, 6, 7, 13, 14, 15, 16]
+    video = np.zeros((len(xs), 32, 32, 3), np.uint8)
+    for t, x in enumerate(xs):
+        video[t, 10:14, x : x + 4] = 255
+    empty = np.zeros_like(video)
+    m = motion_summary([video, empty])
+    assert m["videos"] == 1 and m["jump_rate"] == pytest.approx(1 / 7) and m["speed_px"] == pytest.approx(12 / 7)
+    big = video.repeat(4, axis=1).repeat(4, axis=2)
+    assert motion_summary([big], size=32) == pytest.approx(m)
+    assert motion_summary([big])["speed_px"] == pytest.approx(4 * 12 / 7)  # at its own 128 px width
+    assert np.isnan(motion_summary([empty])["smoothness"])
