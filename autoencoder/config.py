@@ -39,14 +39,19 @@ class VAEConfig:
 class LossConfig:
     """Weights of the stage-1 objective: recon + perceptual + KL + adversarial (hinge PatchGAN)."""
 
-    recon: str = "l1"  # "l1" or "l2"
+    recon: str = "l1"  # "l1", "l2" or "l1+l2" (autoencoder.losses.reconstruction_loss)
     recon_weight: float = 1.0
     perceptual_weight: float = 1.0  # 0 turns LPIPS off entirely
     lpips_pretrained: bool = True  # False: random backbone (tests, offline without weights)
     lpips_net: str = "vgg"  # LPIPS backbone: "vgg" (as in LDM) or "alex" (smaller, faster)
     kl_weight: float = 1e-6
     disc_weight: float = 0.5
-    disc_start: int = 5000  # generator's adversarial term and discriminator updates start here
+    disc_start: int = 5000  # generator's adversarial term and discriminator updates start here at the earliest
+    # > 0: the adversarial term also waits until the reconstruction loss has converged, as in LDM's
+    # recipe: the mean over the last `disc_plateau_window` steps improved by less than this fraction
+    # on the window before (losses.DiscriminatorStart). 0: start at disc_start exactly.
+    disc_plateau_tol: float = 0.0
+    disc_plateau_window: int = 100
     disc_channels: int = 64
     disc_layers: int = 3
     disc_lr_mult: float = 1.0

@@ -143,19 +143,77 @@ def adaptive_weight(
     return torch.clamp(weight, 0.0, max_weight).detach()
 
 
+class DiscriminatorStart:
+    """When the adversarial term switches on (and then stays on): at step `disc_start`, or, with
+    `disc_plateau_tol` > 0, at the first step from `disc_start` on at which the reconstruction loss has
+    converged: mean(last W losses) > (1 - tol) * mean(the W before), W = `disc_plateau_window`.
+    The trainer feeds it one (all-process mean) reconstruction loss per optimizer step; its state
+    (the last 2W losses, the start step) goes into checkpoints, so a resumed run starts it at the
+    same step as an uninterrupted one."""
+
+    def __init__(self, config: LossConfig):
+        if config.disc_plateau_tol < 0 or config.disc_plateau_window < 1:
+            raise ValueError("loss.disc_plateau_tol must be >= 0 and loss.disc_plateau_window >= 1")
+        self.first, self.tol, self.window = config.disc_start, config.disc_plateau_tol, config.disc_plateau_window
+        self.started_at: int | None = None if self.tol > 0 else self.first
+        self.history: list[float] = []
+
+    def active(self, step: int) -> bool:
+        return self.started_at is not None and step >= self.started_at
+
+    def update(self, step: int, rec_loss: float) -> None:
+        """After optimizer step `step` (0-based) with reconstruction loss `rec_loss`: decides whether the
+        adversarial term is on from step + 1."""
+        if self.started_at is not None:
+            return
+        self.history = (self.history + [float(rec_loss)])[-2 * self.window :]
+        if step + 1 < self.first or len(self.history) < 2 * self.window:
+            return
+        before, last = self.history[: self.window], self.history[self.window :]
+        if sum(last) > (1.0 - self.tol) * sum(before):
+            self.started_at = step + 1
+
+    def state_dict(self) -> dict:
+        return {"started_at": self.started_at, "history": list(self.history)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.started_at, self.history = state["started_at"], [float(x) for x in state["history"]]
+
+
+RECON_LOSSES = ("l1", "l2", "l1+l2")
+
+
+def reconstruction_loss(x: torch.Tensor, recon: torch.Tensor, kind: str) -> torch.Tensor:
+    """Mean per-pixel error: "l1" |d|, "l2" d^2, "l1+l2" their sum (d = x - recon, pixels in [-1, 1]).
+
+    L1's gradient has the same size at every pixel, whatever the error: on frames where a small
+    object covers a few percent of the pixels, the background's tiny errors outvote the object's
+    large colour error, and colour is learned very slowly (README, "Stage-1 recipe"). L2's gradient
+    grows with the error, so the largest errors are fixed first."""
+    d = x - recon
+    if kind == "l1":
+        return d.abs().mean()
+    if kind == "l2":
+        return d.pow(2).mean()
+    if kind == "l1+l2":
+        return d.abs().mean() + d.pow(2).mean()
+    raise ValueError(f"unknown reconstruction loss {kind!r}; choose one of {', '.join(RECON_LOSSES)}")
+
+
 class VAELoss(nn.Module):
     """Generator and discriminator objectives; `discriminator` gets its own optimizer in the training script."""
 
     def __init__(self, config: LossConfig, disc_in_channels: int = 3):
         super().__init__()
-        if config.recon not in ("l1", "l2"):
-            raise ValueError(f"loss.recon must be 'l1' or 'l2', got {config.recon!r}")
+        if config.recon not in RECON_LOSSES:
+            raise ValueError(f"loss.recon must be one of {', '.join(RECON_LOSSES)}, got {config.recon!r}")
         self.config = config
         # frozen LPIPS(x, y) -> [N, 1, 1, 1], or None when perceptual_weight is 0 (also used for validation)
         self.lpips = (
             build_lpips(config.lpips_pretrained, config.lpips_net) if config.perceptual_weight > 0 else None
         )
         self.discriminator = PatchDiscriminator(disc_in_channels, config.disc_channels, config.disc_layers)
+        self.disc_start = DiscriminatorStart(config)
 
     def train(self, mode: bool = True) -> VAELoss:
         super().train(mode)
@@ -164,7 +222,7 @@ class VAELoss(nn.Module):
         return self
 
     def gan_active(self, step: int) -> bool:
-        return step >= self.config.disc_start
+        return self.disc_start.active(step)
 
     def _frozen_discriminator(self, x: torch.Tensor) -> torch.Tensor:
         """D(x) with detached parameters: gradients reach x (the generator) but never D's own weights,
@@ -182,8 +240,7 @@ class VAELoss(nn.Module):
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """x, recon [N, 3, H, W]; posterior over [N, C, h, w] -> (scalar loss, float logs)."""
         cfg = self.config
-        diff = (x - recon).abs() if cfg.recon == "l1" else (x - recon).pow(2)
-        rec = diff.mean()
+        rec = reconstruction_loss(x, recon, cfg.recon)
         p_loss = self.lpips(x, recon).mean() if self.lpips is not None else torch.zeros_like(rec)
         nll = cfg.recon_weight * rec + cfg.perceptual_weight * p_loss
         kl = posterior.kl().mean()  # per-sample sum over latent dims, averaged over the batch (LDM)

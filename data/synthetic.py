@@ -9,6 +9,7 @@ import cv2
 import numpy as np
 import torch
 
+from .colour import background_colour
 from .errors import BadInputError
 from .transforms import to_tensor
 from .video_io import video_info, write_video
@@ -52,17 +53,23 @@ def _draw(img: np.ndarray, shape: str, centre: np.ndarray, radius: float, colour
     cv2.fillPoly(img, [(pts * scale).round().astype(np.int32)], colour, cv2.LINE_AA, _SHIFT)
 
 
+DEFAULT_RADIUS = (0.14, 0.2)  # circumradius as a fraction of the frame size (min, max)
+SMALL_RADIUS = (0.08, 0.12)  # "small objects": the quality benchmark's data
+
+
 def make_synthetic_video(
-    index: int, *, num_frames: int = 16, size: int = 64, seed: int = 0
+    index: int, *, num_frames: int = 16, size: int = 64, seed: int = 0,
+    radius: tuple[float, float] = DEFAULT_RADIUS,
 ) -> tuple[np.ndarray, int]:
     """Video `index` of the synthetic set -> (uint8 [T,size,size,3] RGB, label = index % classes).
 
-    Deterministic in (seed, index). The shape's size, colour, start and velocity are random; it
-    moves at 3-6% of the frame size per frame and bounces off the borders.
+    Deterministic in (seed, index). The shape's size (circumradius drawn from `radius` x size),
+    colour, start and velocity are random; it moves at 3-6% of the frame size per frame and bounces
+    off the borders.
     """
     label = index % len(SYNTHETIC_CLASSES)
     rng = np.random.default_rng([seed, index])
-    radius = size * rng.uniform(0.14, 0.2)
+    radius = size * rng.uniform(*radius)
     colour = tuple(int(c) for c in PALETTE[rng.integers(len(PALETTE))])
     lo, hi = radius + 1.0, size - 2.0 - radius
     start = rng.uniform(lo, hi, size=2)
@@ -81,8 +88,10 @@ class SyntheticVideoDataset(torch.utils.data.Dataset):
 
     class_names = SYNTHETIC_CLASSES
 
-    def __init__(self, num_videos: int, *, num_frames: int = 16, size: int = 64, seed: int = 0):
+    def __init__(self, num_videos: int, *, num_frames: int = 16, size: int = 64, seed: int = 0,
+                 radius: tuple[float, float] = DEFAULT_RADIUS):
         self.num_videos, self.num_frames, self.size, self.seed = num_videos, num_frames, size, seed
+        self.radius = radius
 
     def __len__(self) -> int:
         return self.num_videos
@@ -91,7 +100,7 @@ class SyntheticVideoDataset(torch.utils.data.Dataset):
         if not 0 <= index < self.num_videos:
             raise IndexError(index)
         frames, label = make_synthetic_video(
-            index, num_frames=self.num_frames, size=self.size, seed=self.seed
+            index, num_frames=self.num_frames, size=self.size, seed=self.seed, radius=self.radius
         )
         return {"video": to_tensor(frames), "label": label}
 
@@ -107,7 +116,8 @@ def _is_complete(path: Path, num_frames: int, size: int) -> bool:
 
 
 def write_synthetic(
-    out_dir, num_videos: int, *, num_frames: int = 16, size: int = 64, fps: float = 8.0, seed: int = 0
+    out_dir, num_videos: int, *, num_frames: int = 16, size: int = 64, fps: float = 8.0, seed: int = 0,
+    radius: tuple[float, float] = DEFAULT_RADIUS,
 ) -> list[Path]:
     """Write the synthetic set as H.264 mp4 files OUT/<class>/video_00003.mp4; returns their paths.
 
@@ -121,7 +131,7 @@ def write_synthetic(
         label = index % len(SYNTHETIC_CLASSES)
         path = out_dir / SYNTHETIC_CLASSES[label] / f"video_{index:05d}.mp4"
         if not _is_complete(path, num_frames, stored):
-            frames, _ = make_synthetic_video(index, num_frames=num_frames, size=size, seed=seed)
+            frames, _ = make_synthetic_video(index, num_frames=num_frames, size=size, seed=seed, radius=radius)
             write_video(path, frames, fps)
         paths.append(path)
     return paths
@@ -134,10 +144,7 @@ def object_centres(frames: np.ndarray, threshold: int = 40) -> np.ndarray:
     any channel differs from it by more than `threshold`. Frames with no object give NaN.
     """
     frames = np.asarray(frames).astype(np.int16)
-    border = np.concatenate(
-        [frames[:, 0], frames[:, -1], frames[:, :, 0], frames[:, :, -1]], axis=1
-    )  # [T, 2W+2H, 3]
-    background = np.median(border, axis=1)[:, None, None, :]  # [T,1,1,3]
+    background = background_colour(frames)[:, None, None, :]  # [T,1,1,3]
     mask = (np.abs(frames - background).max(axis=-1) > threshold).astype(np.float64)  # [T,H,W]
     area = mask.sum(axis=(1, 2))
     ys, xs = np.arange(frames.shape[1]), np.arange(frames.shape[2])
@@ -187,3 +194,104 @@ def motion_summary(videos, *, size: int | None = None, jump_px: float = 4.0) -> 
         return float(np.mean(xs)) if xs else float("nan")
 
     return {"videos": len(smooth), "smoothness": mean(smooth), "speed_px": mean(speed), "jump_rate": mean(jumps)}
+
+
+def track_object(frames: np.ndarray, threshold: int = 40) -> dict[str, np.ndarray]:
+    """Follow the largest object in each frame (uint8 [T,H,W,3]) -> per-frame arrays:
+    `centre` [T,2] (x, y; NaN where nothing differs from the background), `area` [T] (pixels of the
+    largest connected object), `share` [T] (its share of all object pixels: 1 for one clean object,
+    lower with ghosts or fragments) and `colour` [T,3] (mean RGB of its interior, its anti-aliased
+    edge left out when the object is large enough; NaN where nothing is found)."""
+    frames = np.asarray(frames)
+    diff = np.abs(frames.astype(np.int16) - background_colour(frames)[:, None, None, :].astype(np.int16))
+    masks = (diff.max(axis=-1) > threshold).astype(np.uint8)
+    t = frames.shape[0]
+    centre, colour = np.full((t, 2), np.nan), np.full((t, 3), np.nan)
+    area, share = np.zeros(t), np.zeros(t)
+    kernel = np.ones((3, 3), np.uint8)
+    for i, m in enumerate(masks):
+        n, labels, stats, cents = cv2.connectedComponentsWithStats(m, connectivity=8)
+        if n < 2:
+            continue
+        k = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+        area[i] = stats[k, cv2.CC_STAT_AREA]
+        share[i] = area[i] / m.sum()
+        centre[i] = cents[k]
+        obj = (labels == k).astype(np.uint8)
+        inner = cv2.erode(obj, kernel)
+        colour[i] = frames[i][(inner if inner.sum() >= 4 else obj).astype(bool)].mean(axis=0)
+    return {"centre": centre, "area": area, "share": share, "colour": colour}
+
+
+def video_quality(videos, reference, *, size: int | None = None, jump_fraction: float = 0.125,
+                  colour_match_de: float = 15.0) -> dict:
+    """What a person checks in generated videos of one moving object, against `reference` videos
+    (the data). Both are iterables of uint8 [T,H,W,3]; distances are in pixels of a `size`-wide frame
+    (default: the reference's width).
+
+    - `found_whole`: share of frames whose largest object holds >= 90% of the object pixels and has
+      an area within [0.6 x, 1.5 x] the reference's smallest and largest object areas.
+    - `colour_match`: share of videos whose object colour (median over frames, CIELAB) lies within
+      `colour_match_de` ΔE of some reference video's object colour; `colour_match_de_median`: the
+      median of that nearest distance.
+    - `colour_drift_de`: mean over videos of the mean ΔE of each frame's object colour from the
+      video's own; `colour_drift_rgb`: mean over videos of the largest per-channel range (0-255) of
+      the object's mean colour across frames (the "varies by N/255" figure).
+    - `smoothness`, `speed_px`, `jump_rate`, `videos_tracked`: motion_summary over the videos where
+      the object is found in every frame; a jump is a move over `jump_fraction` x size in one frame.
+    """
+    from .colour import delta_e, srgb_to_lab
+
+    reference, videos = [np.asarray(v) for v in reference], [np.asarray(v) for v in videos]
+    if not reference or not videos:
+        raise ValueError("video_quality needs at least one video and one reference video")
+    size = size or reference[0].shape[2]
+
+    def clip_stats(vs):
+        out = []
+        for v in vs:
+            tr = track_object(v)
+            scale = size / v.shape[2]
+            tr["area_scaled"] = tr["area"] * scale**2
+            lab = srgb_to_lab(tr["colour"])
+            found = np.isfinite(lab).all(axis=1)
+            tr["lab"] = np.nanmedian(lab[found], axis=0) if found.any() else np.full(3, np.nan)
+            tr["drift_de"] = float(delta_e(lab[found], tr["lab"]).mean()) if found.any() else np.nan
+            rgb = tr["colour"][found]
+            tr["drift_rgb"] = float((rgb.max(axis=0) - rgb.min(axis=0)).max()) if len(rgb) else np.nan
+            out.append(tr)
+        return out
+
+    ref, gen = clip_stats(reference), clip_stats(videos)
+    # a reference with no object found at all (an untrained VAE's decodes) bounds nothing: NaN figures
+    ref_areas = np.concatenate([r["area_scaled"][r["area"] > 0] for r in ref])
+    lo, hi = (0.6 * ref_areas.min(), 1.5 * ref_areas.max()) if len(ref_areas) else (np.nan, np.nan)
+    whole = np.concatenate([(g["share"] >= 0.9) & (g["area_scaled"] >= lo) & (g["area_scaled"] <= hi) for g in gen])
+    ref_labs = [r["lab"] for r in ref if np.isfinite(r["lab"]).all()]
+    nearest = np.array([delta_e(np.stack(ref_labs), g["lab"]).min() if np.isfinite(g["lab"]).all() else np.inf
+                        for g in gen]) if ref_labs else np.full(len(gen), np.nan)  # fmt: skip
+    motion = motion_summary(videos, size=size, jump_px=jump_fraction * size)
+
+    def nanmean(xs):
+        xs = [x for x in xs if np.isfinite(x)]
+        return float(np.mean(xs)) if xs else float("nan")
+
+    return {
+        "videos": len(videos),
+        "found_whole": float(whole.mean()) if len(ref_areas) else float("nan"),
+        "colour_match": float((nearest <= colour_match_de).mean()) if ref_labs else float("nan"),
+        "colour_match_de_median": float(np.median(nearest)),
+        "colour_drift_de": nanmean(g["drift_de"] for g in gen),
+        "colour_drift_rgb": nanmean(g["drift_rgb"] for g in gen),
+        "videos_tracked": motion["videos"],
+        "smoothness": motion["smoothness"],
+        "speed_px": motion["speed_px"],
+        "jump_rate": motion["jump_rate"],
+    }
+
+
+def shuffled_frames(videos, seed: int = 0) -> list[np.ndarray]:
+    """Each video with its frames in a random order: the baseline that has the data's frames but no
+    motion (what a model that ignores time would score)."""
+    rng = np.random.default_rng(seed)
+    return [np.asarray(v)[rng.permutation(len(v))] for v in videos]

@@ -45,6 +45,9 @@ class DiffusionConfig:
     beta_start: float = 1e-4  # linear schedule only
     beta_end: float = 0.02
     zero_terminal_snr: bool = False  # Lin et al. 2023 rescaling (use with v-prediction)
+    # > 1: every step noisier, SNR / shift^2 (schedules.make_alphas_cumprod); small latent grids
+    # need more noise for the same corruption of their content
+    schedule_shift: float = 1.0
     prediction: str = "v"  # "eps", "v" or "x0"
     loss_weighting: str = "min_snr"  # "none" or "min_snr"
     min_snr_gamma: float = 5.0

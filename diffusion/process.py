@@ -35,6 +35,7 @@ class GaussianDiffusion:
             beta_start=config.beta_start,
             beta_end=config.beta_end,
             zero_terminal_snr=config.zero_terminal_snr,
+            shift=config.schedule_shift,
         )
 
     # ------------------------------------------------------------------ forward process

@@ -44,14 +44,23 @@ def make_alphas_cumprod(
     beta_start: float = 1e-4,
     beta_end: float = 0.02,
     zero_terminal_snr: bool = False,
+    shift: float = 1.0,
 ) -> torch.Tensor:
-    """abar_t for t = 0..num_timesteps-1 (float64)."""
+    """abar_t for t = 0..num_timesteps-1 (float64).
+
+    `shift` > 1 moves every step toward more noise: SNR(t) -> SNR(t) / shift^2 (the resolution
+    shift of Hoogeboom et al. 2023, "simple diffusion", and of SD3's timestep shift). Applied before
+    the zero-terminal-SNR rescaling."""
+    if not shift > 0:
+        raise ValueError(f"schedule shift must be > 0, got {shift}")
     if schedule == "linear":
         ab = linear_alphas_cumprod(num_timesteps, beta_start, beta_end)
     elif schedule == "cosine":
         ab = cosine_alphas_cumprod(num_timesteps)
     else:
         raise ValueError(f"unknown noise schedule {schedule!r} (expected 'linear' or 'cosine')")
+    if shift != 1.0:
+        ab = ab / (ab + (1.0 - ab) * shift**2)  # SNR / shift^2
     return rescale_zero_terminal_snr(ab) if zero_terminal_snr else ab
 
 

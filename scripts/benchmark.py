@@ -7,6 +7,7 @@ come from torch.utils.flop_counter during the warm-up call; GFLOP/s = FLOPs / me
     python -m scripts.benchmark                        # default run: < 10 min on 2 CPU cores
     python -m scripts.benchmark --quick --repeats 1    # tiny shapes (what the test runs)
     python -m scripts.benchmark --device cuda --dtype bf16 --only unet,sampling --output bench.jsonl
+    python -m scripts.benchmark --only quality         # end-to-end quality run (scripts/quality.py), ~40 min
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ from contextlib import nullcontext
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-BENCHES = ("vae", "encode", "reader", "unet", "sampling", "sampler_quality")
-DEFAULT_BENCHES = BENCHES[:5]  # sampler_quality needs a trained demo (make demo) and ~10 CPU minutes
+BENCHES = ("vae", "encode", "reader", "unet", "sampling", "sampler_quality", "quality")
+DEFAULT_BENCHES = BENCHES[:5]  # sampler_quality needs a trained demo (make demo) and ~10 CPU minutes;
+# quality (scripts.quality) trains the whole pipeline end to end: ~40 CPU minutes
 SAMPLER_QUALITY_RUNS = [("training", 0), ("ddpm", 250), ("dpmpp_2m", 5), ("dpmpp_2m", 10), ("dpmpp_2m", 15),
                         ("dpmpp_2m", 25), ("dpmpp_2m", 50), ("ddim", 50)]
 MEM_METHOD = {
@@ -578,9 +580,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m scripts.benchmark", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--only", default=",".join(DEFAULT_BENCHES),
-                   help=f"comma-separated subset of {','.join(BENCHES)} (default: all but sampler_quality)")
+                   help=f"comma-separated subset of {','.join(BENCHES)} (default: all but sampler_quality and quality)")
     p.add_argument("--demo-dir", type=Path, default=ROOT / "runs" / "demo",
                    help="sampler_quality: a finished `make demo` folder (default runs/demo)")
+    p.add_argument("--quality-dir", type=Path, default=ROOT / "runs" / "quality",
+                   help="quality: its working folder (a rerun continues there; default runs/quality)")
     p.add_argument("--quick", action="store_true", help="tiny configs and shapes (seconds; used by the test)")
     p.add_argument("--repeats", type=int, default=None, help=f"timed calls after one warm-up (default {REPEATS})")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
@@ -604,6 +608,14 @@ def main(argv=None) -> int:
     if unknown or (args.repeats is not None and args.repeats < 1):
         print(f"error: unknown bench(es) {unknown} or --repeats < 1", file=sys.stderr)
         return 2
+    if "quality" in only:  # its own program: trains, samples and scores (scripts/quality.py)
+        from scripts import quality
+
+        rc = quality.main(["--output-dir", str(args.quality_dir)] + (["--quick"] if args.quick else [])
+                          + (["--output", str(args.output)] if args.output else []))
+        only = [b for b in only if b != "quality"]
+        if rc or not only:
+            return rc
     reason, lines = _reference_reason(args), []
     sink = open(args.output, "w") if args.output else None  # noqa: SIM115 (closed below)
     scratch = tempfile.mkdtemp(prefix="lvd-bench-")

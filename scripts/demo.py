@@ -33,35 +33,34 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def run_stage(out: Path, name: str, fn, fresh: bool) -> float:
+def run_stage(out: Path, name: str, fn, fresh: bool, tag: str = "demo") -> float:
     marker = out / f".done-{name}"
     if marker.exists() and not fresh:
-        print(f"[demo] {name}: already done ({marker}), skipping")
+        print(f"[{tag}] {name}: already done ({marker}), skipping")
         return 0.0
-    print(f"[demo] {name}: starting", flush=True)
+    print(f"[{tag}] {name}: starting", flush=True)
     t0 = time.time()
     rc = fn()
     if rc not in (0, None):
-        raise SystemExit(f"[demo] stage {name} failed with exit code {rc}")
+        raise SystemExit(f"[{tag}] stage {name} failed with exit code {rc}")
     marker.write_text(json.dumps({"seconds": time.time() - t0}))
-    print(f"[demo] {name}: done in {time.time() - t0:.0f}s", flush=True)
+    print(f"[{tag}] {name}: done in {time.time() - t0:.0f}s", flush=True)
     return time.time() - t0
 
 
-def motion_report(data_dir: Path, sample_dir: Path) -> dict:
-    """Track the object's centre in the training videos and in the samples and compare how
-    smoothly it moves (mean |second difference| / mean speed; lower is smoother) and how fast, in
-    pixels per frame at the training size (the sample videos are upscaled)."""
-    from data.synthetic import motion_summary
+def quality_report(data_dir: Path, sample_dir: Path) -> dict:
+    """What a person sees in the samples, against the training videos (data.synthetic.video_quality):
+    objects found whole, in the data's colours and constant along the clip, and the tracked motion
+    (smoothness: mean |second difference| / mean speed, lower is smoother; speed in pixels per frame
+    at the training size, the sample videos being upscaled; jumps: moves over 1/8 of the frame)."""
+    from data.synthetic import video_quality
     from data.video_io import read_video
 
-    def measure(paths):
-        m = motion_summary((read_video(p)[0] for p in paths), size=SIZE)
-        return {"videos": m["videos"], "smoothness": m["smoothness"], "speed_px_per_frame": m["speed_px"]}
-
-    train = sorted(data_dir.rglob("*.mp4"))[:32]
-    samples = sorted(p for p in sample_dir.glob("*.mp4"))
-    return {"training_data": measure(train), "samples": measure(samples)}
+    samples = [read_video(p)[0] for p in sorted(sample_dir.glob("*.mp4"))]
+    length = min(len(v) for v in samples)
+    train = [read_video(p)[0][:length] for p in sorted(data_dir.rglob("*.mp4"))[:32]]
+    return {"training_data": video_quality(train, train, size=SIZE),
+            "samples": video_quality([v[:length] for v in samples], train, size=SIZE)}
 
 
 def main(argv=None) -> int:
@@ -95,10 +94,11 @@ def main(argv=None) -> int:
     }
     times = {name: run_stage(out, name, plan[name], args.fresh) for name in STAGES}
     del decode_latents  # imported so a broken module fails here, not after training
-    report = {"seconds": times, "motion": motion_report(data, samples)}
+    report = {"seconds": times, "quality": quality_report(data, samples)}
     vae_val = [r for r in _metrics(vae / "metrics.jsonl") if r.get("split") == "val"]
     if vae_val:
-        report["vae_validation"] = {k: vae_val[-1][k] for k in ("psnr", "ssim", "flicker") if k in vae_val[-1]}
+        keys = ("psnr", "ssim", "delta_e", "fg_psnr", "fg_colour_error", "flicker")
+        report["vae_validation"] = {k: vae_val[-1][k] for k in keys if k in vae_val[-1]}
     diff_log = [r for r in _metrics(diff / "metrics.jsonl") if "loss" in r]
     if diff_log:
         report["diffusion_loss_first_last"] = [diff_log[0]["loss"], diff_log[-1]["loss"]]

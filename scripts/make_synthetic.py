@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from data.errors import BadInputError
-from data.synthetic import SYNTHETIC_CLASSES, write_synthetic
+from data.synthetic import DEFAULT_RADIUS, SMALL_RADIUS, SYNTHETIC_CLASSES, write_synthetic
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,6 +22,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=64, help="frame height and width in pixels (default 64)")
     p.add_argument("--fps", type=float, default=8.0, help="frames per second stored in the files (default 8)")
     p.add_argument("--seed", type=int, default=0, help="dataset seed (default 0)")
+    p.add_argument("--radius", default=None, metavar="MIN,MAX",
+                   help="object circumradius range as fractions of the frame size "
+                   f"(default {DEFAULT_RADIUS[0]},{DEFAULT_RADIUS[1]}; small objects: "
+                   f"{SMALL_RADIUS[0]},{SMALL_RADIUS[1]})")
     return p
 
 
@@ -30,6 +34,14 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.num_videos < 1 or args.frames < 1 or args.size < 8 or not args.fps > 0:
         parser.error("need --num-videos >= 1, --frames >= 1, --size >= 8 and --fps > 0")
+    radius = DEFAULT_RADIUS
+    if args.radius is not None:
+        try:
+            radius = tuple(float(x) for x in args.radius.split(","))
+        except ValueError:
+            radius = ()
+        if len(radius) != 2 or not 0 < radius[0] <= radius[1] < 0.5:
+            parser.error(f"--radius must be MIN,MAX with 0 < MIN <= MAX < 0.5, got {args.radius!r}")
     try:
         paths = write_synthetic(
             args.output_dir,
@@ -38,6 +50,7 @@ def main(argv=None) -> int:
             size=args.size,
             fps=args.fps,
             seed=args.seed,
+            radius=radius,
         )
     except (BadInputError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

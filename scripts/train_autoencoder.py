@@ -154,6 +154,8 @@ def train(args) -> None:  # noqa: C901 - the loop is kept in one place on purpos
         if acc.scaler is not None and "scaler" in objects:
             acc.scaler.load_state_dict(objects["scaler"])
         guard.load_state_dict(meta["guard"])
+        if "disc_start" in meta:
+            criterion.disc_start.load_state_dict(meta["disc_start"])
         step, epoch, batch_in_epoch = meta["step"], meta["data"]["epoch"], meta["data"]["batch"]
         acc.print(f"resumed from {latest} at step {step}")
     metrics.truncate_after(step)  # also drops the lines of a run that died before its first checkpoint
@@ -171,6 +173,7 @@ def train(args) -> None:  # noqa: C901 - the loop is kept in one place on purpos
                                  "ema": ema.state_dict()},
                   objects=objects,
                   meta={"data": {"epoch": epoch, "batch": batch_in_epoch}, "guard": guard.state_dict(),
+                        "disc_start": criterion.disc_start.state_dict(),
                         "ema_updates": ema.num_updates, "model_config": cfg.model.to_dict()})
 
     bar = tqdm(total=tc.max_steps, initial=step, disable=not acc.is_main_process, desc="vae")
@@ -191,6 +194,11 @@ def train(args) -> None:  # noqa: C901 - the loop is kept in one place on purpos
             if logs is None:  # gradient accumulation micro-step
                 continue
             ema.update(raw_model)
+            if criterion.disc_start.started_at is None:  # the same decision on every process
+                rec = acc.reduce(torch.tensor(logs["rec"], device=device), "mean").item()
+                criterion.disc_start.update(step, rec)
+                if criterion.disc_start.started_at is not None:
+                    acc.print(f"adversarial term on from step {criterion.disc_start.started_at}")
             step += 1
             samples_since += x.shape[0] * acc.num_processes
             bar.update(1)

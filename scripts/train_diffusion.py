@@ -259,7 +259,9 @@ def train(args) -> None:  # noqa: C901 - the loop is kept in one place on purpos
             bar.set_postfix(loss=f"{logs['loss']:.4f}")
             t_last, samples_since = now, 0
         if cfg.sample.every and step % cfg.sample.every == 0 and acc.is_main_process:
-            periodic_samples(cfg, ema, raw, manifest, out / "samples", step, device, fps=fps)
+            quality = periodic_samples(cfg, ema, raw, manifest, out / "samples", step, device, fps=fps)
+            if quality is not None:
+                metrics.write(quality)
         if step % tc.checkpoint_every == 0 or step == tc.max_steps:
             save_checkpoint()
     bar.close()
@@ -356,16 +358,21 @@ def check_same_model(meta, cfg, path):
 def periodic_samples(cfg, ema, raw, manifest, out_dir, step, device, fps):
     import json
 
-    from scripts.runtime.generation import sample_and_save
+    from scripts.runtime.generation import sample_and_save, sample_quality
 
     model = ema.averaged_model(raw).to(device)
     stats = json.loads((Path(cfg.data.shards) / "stats.json").read_text())
-    sample_and_save(model, cfg.model, cfg.diffusion, latent_shape=manifest["latent_shape"],
+    _, frames = sample_and_save(model, cfg.model, cfg.diffusion, latent_shape=manifest["latent_shape"],
                     frames=manifest["clip_len"], class_names=list(manifest.get("labels") or []), stats=stats,
                     fps=fps or 8.0, out_dir=out_dir,
                     tag=f"step{step:07d}", num=cfg.sample.num, steps=cfg.sample.steps, sampler=cfg.sample.sampler,
                     guidance_scale=cfg.sample.guidance_scale, autoencoder=cfg.sample.autoencoder or None,
                     seed=cfg.train.seed, autoencoder_sha256=(manifest.get("autoencoder") or {}).get("weights_sha256"))
+    if frames is None:
+        return None
+    # what a person would see: objects whole, in the data's colours, constant, moving like the data
+    quality = sample_quality(frames, cfg.data.shards, stats, cfg.sample.autoencoder, device=device)
+    return {"step": step, "split": "sample", **quality}
 
 
 if __name__ == "__main__":

@@ -199,3 +199,65 @@ def test_lpips_uses_cached_backbone_weights_without_warning(tmp_path, monkeypatc
     model = build_lpips(pretrained=True, net="squeeze")
     assert not [w for w in recwarn if "RANDOMLY" in str(w.message)]
     assert torch.equal(model.net.slice1[0].weight, state["features.0.weight"])
+
+
+def test_reconstruction_losses():
+    from autoencoder.losses import reconstruction_loss
+
+    x, r = torch.zeros(2, 3, 4, 4), torch.full((2, 3, 4, 4), 0.5)
+    assert reconstruction_loss(x, r, "l1").item() == pytest.approx(0.5)
+    assert reconstruction_loss(x, r, "l2").item() == pytest.approx(0.25)
+    assert reconstruction_loss(x, r, "l1+l2").item() == pytest.approx(0.75)
+    with pytest.raises(ValueError, match="l1\\+l2"):
+        reconstruction_loss(x, r, "huber")
+    with pytest.raises(ValueError, match="loss.recon"):
+        VAELoss(LossConfig(recon="huber", perceptual_weight=0.0))
+
+
+def test_l2_gives_a_small_objects_colour_error_more_of_the_gradient_than_l1():
+    """Why the stage-1 recipe uses L2: a frame whose background is almost right (error 0.02 on 95%
+    of the pixels) and whose small object has the wrong colour (error 0.5 on 5%)."""
+    from autoencoder.losses import reconstruction_loss
+
+    x = torch.zeros(1, 3, 20, 20)
+    obj = torch.zeros(1, 3, 20, 20, dtype=torch.bool)
+    obj[..., 9:11, 8:13] = True  # 10 of 400 pixels: 2.5%
+    for kind, at_least, at_most in (("l1", 0.0, 0.05), ("l2", 0.3, 1.0)):
+        recon = torch.where(obj, torch.tensor(0.5), torch.tensor(0.02)).requires_grad_()
+        (grad,) = torch.autograd.grad(reconstruction_loss(x, recon, kind), recon)
+        share = (grad.abs()[obj].sum() / grad.abs().sum()).item()
+        assert at_least <= share <= at_most, (kind, share)
+
+
+def test_discriminator_start_waits_for_the_reconstruction_to_converge():
+    from autoencoder.losses import DiscriminatorStart
+
+    cfg = LossConfig(disc_start=5, disc_plateau_tol=0.05, disc_plateau_window=4)
+    start = DiscriminatorStart(cfg)
+    falling = [1.0 * 0.8**i for i in range(20)]  # improves 20% per step: never converged
+    for step, loss in enumerate(falling):
+        start.update(step, loss)
+        assert not start.active(step + 1)
+    for step in range(20, 40):  # flat from here: the first full flat window pair starts it
+        start.update(step, 0.01)
+    assert start.started_at == 28 and start.active(28) and not start.active(27)
+    start.update(40, 5.0)  # once on, it stays on
+    assert start.started_at == 28
+
+    fixed = DiscriminatorStart(LossConfig(disc_start=7))  # tol 0: exactly at disc_start, as before
+    assert fixed.active(7) and not fixed.active(6)
+    early = DiscriminatorStart(LossConfig(disc_start=30, disc_plateau_tol=0.05, disc_plateau_window=2))
+    for step in range(10):
+        early.update(step, 0.5)  # flat at once, but not before disc_start
+    assert early.started_at is None
+
+    resumed = DiscriminatorStart(cfg)
+    half = DiscriminatorStart(cfg)
+    for step, loss in enumerate(falling + [0.01] * 5):
+        half.update(step, loss)
+    resumed.load_state_dict(half.state_dict())
+    for step in range(25, 40):
+        resumed.update(step, 0.01)
+    assert resumed.started_at == 28
+    with pytest.raises(ValueError, match="disc_plateau"):
+        DiscriminatorStart(LossConfig(disc_plateau_tol=-1))

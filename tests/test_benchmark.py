@@ -78,3 +78,41 @@ def test_sampler_quality_on_a_trained_model(pipeline, tmp_path, capsys):
     # without a finished demo: a clear error, no traceback
     assert benchmark.main(["--quick", "--only", "sampler_quality", "--demo-dir", str(tmp_path / "none")]) == 2
     assert "make demo" in capsys.readouterr().err
+
+
+def test_quality_bench_runs_end_to_end_through_the_command_lines(tmp_path, capsys):
+    """scripts.quality --quick (via benchmark --only quality): every stage through its CLI, then the
+    stage-1 colour figures, video_quality rows for data / shuffled / reconstructions / samples and
+    the goals; a rerun skips the finished stages and scores again."""
+    out = tmp_path / "quality"
+    assert benchmark.main(["--quick", "--only", "quality", "--quality-dir", str(out)]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    parts = [x["part"] for x in lines]
+    assert parts[:5] == ["stage1", "data", "shuffled", "stage1_recon", "samples"] and parts[-1] == "seconds"
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["goals"]) == {"found_whole", "colour_match", "colour_constant", "smoothness", "speed", "jumps"}
+    rows = report["video_quality"]
+    assert rows["samples"]["videos"] == 3 and rows["data"]["videos"] == 6
+    # the held-out data against the training data: whole objects in the data's colours, and its
+    # shuffled frames move far less smoothly than the real order
+    assert rows["data"]["found_whole"] == 1.0 and rows["data"]["colour_match"] == 1.0
+    assert rows["shuffled"]["smoothness"] > 2 * rows["data"]["smoothness"]
+    assert math.isfinite(report["stage1"]["delta_e"]) and report["frames_scored"] == 8
+    for stage in ("data", "vae", "encode", "diffusion", "sample"):
+        assert (out / f".done-{stage}").exists()
+    assert benchmark.main(["--quick", "--only", "quality", "--quality-dir", str(out)]) == 0
+    assert "already done" in capsys.readouterr().out
+
+
+def test_make_synthetic_radius(tmp_path):
+    from data.synthetic import track_object
+    from data.video_io import read_video
+    from scripts import make_synthetic
+
+    areas = {}
+    for name, radius in (("small", "0.08,0.08"), ("large", "0.16,0.16")):
+        assert make_synthetic.main(["--output-dir", str(tmp_path / name), "--num-videos", "3", "--frames", "2",
+                                    "--size", "64", "--radius", radius]) == 0  # fmt: skip
+        areas[name] = [track_object(read_video(p)[0])["area"].mean() for p in sorted((tmp_path / name).rglob("*.mp4"))]
+    for small, large in zip(areas["small"], areas["large"]):
+        assert 2.5 < large / small < 5  # area grows with the radius squared (4x), anti-aliased edges aside

@@ -5,6 +5,7 @@ a config that does not match the checkpoint is refused; joint image+video batche
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -12,6 +13,7 @@ from helpers import DIFF_TINY, read_metrics, steps_of
 from safetensors.torch import load_file
 
 from autoencoder.model import weights_hash
+from data.synthetic import make_synthetic_video
 from diffusion.process import GaussianDiffusion
 from scripts import train_diffusion
 from scripts.runtime.checkpoint import MARKER, verify_checkpoint
@@ -171,3 +173,35 @@ def test_periodic_samples_are_decoded_and_record_the_autoencoder(pipeline, tmp_p
     _, export = load_diffusion_export(out / "export")
     assert meta["fps"] == export["latent"]["fps"] and meta["label_name"] == "circle"
     assert (out / "samples" / "step0000001-000.mp4").exists() and (out / "samples" / "step0000001-000-strip.png").exists()
+
+
+def test_periodic_samples_report_quality_against_the_decoded_data(pipeline, tmp_path):
+    """The sample line in metrics.jsonl scores the decoded samples against decoded data clips; the
+    scoring itself is tested in test_colour.py, here that it is wired to the right frames."""
+    import json
+
+    from scripts.runtime.generation import sample_quality
+
+    out = tmp_path / "run"
+    assert train(pipeline.shards, out, "sample.every=1", "sample.num=2", "sample.steps=2",
+                 f"sample.autoencoder={pipeline.vae}", steps=1) == 0  # fmt: skip
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    sample_lines = [x for x in lines if x.get("split") == "sample"]
+    assert len(sample_lines) == 1 and sample_lines[0]["step"] == 1 and sample_lines[0]["videos"] == 2
+    for key in ("found_whole", "colour_match", "colour_drift_de", "smoothness", "speed_px", "jump_rate"):
+        assert key in sample_lines[0]
+    # sample_quality's reference is the shards' first clips decoded by the same VAE
+    from autoencoder.model import FrameVAE
+    from data.latents import make_latent_loader
+    from data.synthetic import video_quality
+    from scripts.runtime.generation import decode_to_uint8, un_whiten
+
+    loader = make_latent_loader(pipeline.shards, kind="video", batch_size=4, shuffle_buffer=0, use_mean=True)
+    stats = json.loads((pipeline.shards / "stats.json").read_text())
+    ref = decode_to_uint8(FrameVAE.from_pretrained(pipeline.vae), un_whiten(next(iter(loader))["latent"], stats))
+    fake = np.stack([make_synthetic_video(i, num_frames=8, size=32)[0] for i in range(3)])
+    got = sample_quality(fake, pipeline.shards, stats, str(pipeline.vae), num_reference=4)
+    want = video_quality(list(fake), list(ref))
+    assert got.keys() == want.keys()
+    for k in want:
+        assert got[k] == pytest.approx(want[k], nan_ok=True), k

@@ -25,7 +25,8 @@ FORMATS = ("mp4", "gif", "png")
 
 def alphas_for(diff_cfg) -> torch.Tensor:
     return make_alphas_cumprod(diff_cfg.schedule, diff_cfg.num_timesteps, beta_start=diff_cfg.beta_start,
-                               beta_end=diff_cfg.beta_end, zero_terminal_snr=diff_cfg.zero_terminal_snr)
+                               beta_end=diff_cfg.beta_end, zero_terminal_snr=diff_cfg.zero_terminal_snr,
+                               shift=diff_cfg.schedule_shift)
 
 
 @torch.no_grad()
@@ -141,14 +142,15 @@ def write_outputs(frames: np.ndarray, stem: Path, fps: float, formats=("mp4",), 
 def sample_and_save(model, unet_cfg, diff_cfg, *, latent_shape, frames: int, class_names: list[str],
                     stats: dict | None, fps: float, out_dir: Path, tag: str, num: int, steps: int, sampler: str,
                     guidance_scale: float, autoencoder: str | None, seed: int,
-                    autoencoder_sha256: str | None = None) -> list[Path]:
+                    autoencoder_sha256: str | None = None) -> tuple[list[Path], np.ndarray | None]:
     """Periodic samples during training: latent files (recording the shards' autoencoder hash, so
-    decode_latents can refuse another VAE), and mp4 + PNG strip when a VAE is given."""
+    decode_latents can refuse another VAE), and mp4 + PNG strip when a VAE is given.
+    Returns (paths written, decoded uint8 frames [N,T,H,W,3] or None without a VAE)."""
     device = next(model.parameters()).device
     labels = [i % len(class_names) for i in range(num)] if unet_cfg.num_classes else None
     lat = generate(model, unet_cfg, diff_cfg, num=num, frames=frames, latent_shape=latent_shape, labels=labels,
                    guidance_scale=guidance_scale, sampler=sampler, steps=steps, seed=seed, device=device)
-    paths = []
+    paths, frames_u8 = [], None
     for i in range(num):
         meta = {"stats": stats, "autoencoder_sha256": autoencoder_sha256, "fps": fps, "label": labels[i] if labels else None,
                 "label_name": class_names[labels[i]] if labels else None}
@@ -160,4 +162,25 @@ def sample_and_save(model, unet_cfg, diff_cfg, *, latent_shape, frames: int, cla
         frames_u8 = decode_to_uint8(vae, un_whiten(lat, stats), device=device)
         for i in range(num):
             paths += write_outputs(frames_u8[i], Path(out_dir) / f"{tag}-{i:03d}", fps=fps, formats=("mp4", "png"))
-    return paths
+    return paths, frames_u8
+
+
+def sample_quality(samples_u8, shards, stats: dict | None, autoencoder: str, *, num_reference: int = 32,
+                   device="cpu") -> dict[str, float]:
+    """data.synthetic.video_quality of decoded samples (uint8 [N,T,H,W,3]) against the first
+    `num_reference` clips of the shards decoded by the same autoencoder (posterior means): whether
+    objects come out whole, in the data's colours, constant along the clip, and move like the data."""
+    from autoencoder.model import FrameVAE
+    from data.latents import make_latent_loader
+    from data.synthetic import video_quality
+
+    reference = []
+    for batch in make_latent_loader(shards, kind="video", batch_size=min(8, num_reference), shuffle_buffer=0,
+                                    use_mean=True):  # fmt: skip
+        reference.append(batch["latent"])
+        if sum(len(r) for r in reference) >= num_reference:
+            break
+    latents = torch.cat(reference)[:num_reference]
+    vae = FrameVAE.from_pretrained(autoencoder).to(device)
+    ref_u8 = decode_to_uint8(vae, un_whiten(latents, stats), device=device)
+    return video_quality(list(samples_u8), list(ref_u8))

@@ -1,5 +1,6 @@
-"""Stage-1 validation: PSNR / SSIM / LPIPS on held-out frames, temporal flicker on held-out
-clips, a PNG grid (originals above reconstructions) and a side-by-side mp4 of one clip."""
+"""Stage-1 validation: PSNR / SSIM / LPIPS and colour fidelity (CIELAB ΔE and PSNR over the
+foreground, data.colour) on held-out frames, temporal flicker on held-out clips, a PNG grid
+(originals above reconstructions) and a side-by-side mp4 of one clip."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 
 from autoencoder.metrics import psnr, ssim, temporal_flicker
 from autoencoder.video import decode_video, encode_video
+from data.colour import colour_fidelity
 from data.transforms import to_uint8
 from data.video_io import make_grid, write_png, write_video
 
@@ -30,8 +32,10 @@ def validate_autoencoder(model, lpips_fn, val_images, val_clips, out_dir: Path, 
         result["ssim"] = ssim(x, recon).mean().item()
         if lpips_fn is not None:
             result["lpips"] = lpips_fn(x, recon).mean().item()
-        pair = torch.cat([x, recon])[:, :, None]  # [2N,3,1,H,W]
-        grid = make_grid(to_uint8(pair)[:, 0], nrow=n)
+        pair = to_uint8(torch.cat([x, recon])[:, :, None])[:, 0]  # [2N,H,W,3] uint8
+        # the frames as one "clip" of N frames: each gets its own background and foreground
+        result.update({k: v for k, v in colour_fidelity(pair[:n], pair[n:]).items() if k != "fg_fraction"})
+        grid = make_grid(pair, nrow=n)
         write_png(out_dir / f"recon-step{step:07d}.png", grid)
     clips = [val_clips[i]["video"] for i in range(min(max_clips, len(val_clips)))]
     if clips:

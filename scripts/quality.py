@@ -1,0 +1,175 @@
+"""Quality benchmark: the whole pipeline, end to end through the command lines, on small single
+objects (64x64, 16 frames), scored on what a person sees: colour, whole objects and motion.
+
+    python -m scripts.quality --output-dir runs/quality          # ~35-45 min on 2 CPU cores
+    python -m scripts.benchmark --only quality                    # the same run
+    python -m scripts.quality --quick --output-dir /tmp/q         # tiny budgets (what the test runs)
+
+Stages (each leaves a `.done-<stage>` marker, so a rerun continues; --fresh starts over):
+data (training videos, seed 0, and held-out videos, seed 1) -> vae (train_autoencoder) -> encode
+(encode_latents) -> diffusion (train_diffusion) -> sample (scripts.sample) -> evaluation.
+
+Evaluation, written to OUT/report.json and printed as JSON lines:
+- stage 1 on held-out videos: PSNR, foreground PSNR, CIELAB ΔE, object colour error (data.colour);
+- `video_quality` (data.synthetic) of the samples, of the held-out data itself, of the held-out
+  data with its frames shuffled (the data's frames with no motion) and of the stage-1
+  reconstructions of the held-out data (what stage 2 could at best reach), all against the
+  training videos as the reference for colours and object sizes;
+- the issue's goals, each marked pass or fail.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+GOALS = {  # name -> (description, check(samples, data))
+    "found_whole": ("object found whole in >= 95% of frames", lambda s, d: s["found_whole"] >= 0.95),
+    "colour_match": ("object colour within 15 ΔE of a data colour in >= 95% of videos",
+                     lambda s, d: s["colour_match"] >= 0.95),
+    "colour_constant": ("object colour drifts <= 5 ΔE (mean) along a video",
+                        lambda s, d: s["colour_drift_de"] <= 5.0),
+    "smoothness": ("path smoothness within 1.5x the data's", lambda s, d: s["smoothness"] <= 1.5 * d["smoothness"]),
+    "speed": ("speed within 15% of the data's", lambda s, d: abs(s["speed_px"] / d["speed_px"] - 1) <= 0.15),
+    "jumps": ("jump rate under 1%", lambda s, d: s["jump_rate"] < 0.01),
+}
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m scripts.quality", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--output-dir", type=Path, default=Path("runs/quality"))
+    p.add_argument("--num-videos", type=int, default=300, help="training videos (default 300)")
+    p.add_argument("--heldout-videos", type=int, default=48, help="held-out videos, another seed (default 48)")
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--frames", type=int, default=16, help="frames per video (default 16)")
+    p.add_argument("--radius", default="0.08,0.12", help="object circumradius range, fraction of the frame")
+    p.add_argument("--vae-config", default="configs/autoencoder/demo.yaml")
+    p.add_argument("--encode-config", default="configs/encode/quality.yaml")
+    p.add_argument("--diffusion-config", default="configs/diffusion/quality.yaml")
+    p.add_argument("--vae-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra stage-1 config override (repeatable)")
+    p.add_argument("--encode-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra encoding config override (repeatable)")
+    p.add_argument("--diffusion-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra stage-2 config override (repeatable)")
+    p.add_argument("--num-samples", type=int, default=32)
+    p.add_argument("--sampler", default="ddpm")
+    p.add_argument("--sample-steps", type=int, default=250)
+    p.add_argument("--guidance-scale", type=float, default=3.0)
+    p.add_argument("--quick", action="store_true", help="tiny budgets and data (seconds to minutes; for tests)")
+    p.add_argument("--fresh", action="store_true", help="ignore finished stages in --output-dir")
+    p.add_argument("--output", type=Path, default=None, help="also write the JSON lines to this file")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.num_videos, args.heldout_videos, args.num_samples = 12, 6, 3
+        args.size, args.frames, args.sample_steps = 32, 8, 4
+        args.encode_set = ["encode.clip_len=8", *args.encode_set]
+        args.vae_set = ["train.max_steps=4", "val.every=0", "train.batch_size=4", *args.vae_set]
+        args.diffusion_set = ["train.max_steps=4", "train.batch_size=2", "model.base_channels=16",
+                              "model.channel_mult=[1]", "model.head_dim=16", "model.norm_groups=8",
+                              "data.shuffle_buffer=4", *args.diffusion_set]
+    return args
+
+
+def _read_videos(paths, frames: int) -> list[np.ndarray]:
+    from data.video_io import read_video
+
+    return [read_video(p)[0][:frames] for p in paths]
+
+
+def evaluate(args, out: Path) -> dict:
+    """Score stage 1 and the samples (see the module docstring)."""
+    import torch
+
+    from autoencoder.model import FrameVAE
+    from autoencoder.video import decode_video, encode_video
+    from data.colour import colour_fidelity
+    from data.synthetic import shuffled_frames, video_quality
+    from data.transforms import to_tensor, to_uint8
+
+    samples = _read_videos(sorted((out / "samples").glob("*.mp4")), 10**6)
+    if not samples:
+        raise SystemExit(f"[quality] no sample videos in {out / 'samples'}")
+    length = min(len(v) for v in samples)
+    train = _read_videos(sorted((out / "data").rglob("*.mp4"))[:96], length)
+    heldout = _read_videos(sorted((out / "heldout").rglob("*.mp4")), length)
+
+    vae = FrameVAE.from_pretrained(out / "vae" / "export").eval()
+    recons, fid = [], []
+    with torch.no_grad():
+        for v in heldout:
+            mean, _ = encode_video(vae, to_tensor(v)[None], chunk_size=16)
+            r = to_uint8(decode_video(vae, mean, chunk_size=16)[0])
+            recons.append(r)
+            f = colour_fidelity(v, r)
+            f["psnr"] = float(10 * np.log10(255.0**2 / max(((v.astype(float) - r) ** 2).mean(), 1e-10)))
+            fid.append(f)
+    stage1 = {k: float(np.mean([f[k] for f in fid])) for k in ("psnr", "fg_psnr", "delta_e", "fg_colour_error")}
+
+    rows = {
+        "data": video_quality(heldout, train, size=args.size),
+        "shuffled": video_quality(shuffled_frames(heldout), train, size=args.size),
+        "stage1_recon": video_quality(recons, train, size=args.size),
+        "samples": video_quality([v[:length] for v in samples], train, size=args.size),
+    }
+    goals = {name: {"goal": text, "pass": bool(check(rows["samples"], rows["data"]))}
+             for name, (text, check) in GOALS.items()}
+    return {"stage1": stage1, "video_quality": rows, "goals": goals, "frames_scored": length}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from scripts import encode_latents, make_synthetic, sample, train_autoencoder, train_diffusion
+    from scripts.demo import run_stage
+
+    out = args.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    data, held, vae, shards, diff, smp = (out / n for n in ("data", "heldout", "vae", "shards", "diffusion", "samples"))
+    common = ["--frames", str(args.frames), "--size", str(args.size), "--fps", "8", "--radius", args.radius]
+    size_set = [f"data.size={args.size}"]
+    plan = {
+        "data": lambda: make_synthetic.main(["--output-dir", str(data), "--num-videos", str(args.num_videos), *common])
+        or make_synthetic.main(["--output-dir", str(held), "--num-videos", str(args.heldout_videos), "--seed", "1",
+                                *common]),
+        "vae": lambda: train_autoencoder.main(["--config", args.vae_config, "--data", str(data),
+                                               "--output-dir", str(vae), *size_set, *args.vae_set]),
+        "encode": lambda: encode_latents.main(["--autoencoder", str(vae / "export"), "--data", str(data),
+                                               "--output-dir", str(shards), "--config", args.encode_config,
+                                               f"encode.size={args.size}", *args.encode_set]),
+        "diffusion": lambda: train_diffusion.main(["--config", args.diffusion_config, "--shards", str(shards),
+                                                   "--output-dir", str(diff), *args.diffusion_set]),
+        "sample": lambda: sample.main(["--checkpoint", str(diff / "export"), "--autoencoder", str(vae / "export"),
+                                       "--num-samples", str(args.num_samples), "--sampler", args.sampler,
+                                       "--steps", str(args.sample_steps), "--guidance-scale", str(args.guidance_scale),
+                                       "--output-dir", str(smp), "--format", "mp4"]),
+    }
+    t0 = time.time()
+    seconds = {name: run_stage(out, name, fn, args.fresh, tag="quality") for name, fn in plan.items()}
+    report = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+              "seconds": {**seconds, "total_training_and_sampling": time.time() - t0}, **evaluate(args, out)}
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    lines = [{"bench": "quality", "part": "stage1", **report["stage1"]}]
+    lines += [{"bench": "quality", "part": name, **row} for name, row in report["video_quality"].items()]
+    lines += [{"bench": "quality", "part": "goal", "name": k, **v} for k, v in report["goals"].items()]
+    lines.append({"bench": "quality", "part": "seconds", **report["seconds"]})
+    sink = open(args.output, "a") if args.output else None  # noqa: SIM115 (closed below)
+    try:
+        for line in lines:
+            text = json.dumps(line)
+            print(text, flush=True)
+            if sink:
+                sink.write(text + "\n")
+    finally:
+        if sink:
+            sink.close()
+    print(f"[quality] report: {out / 'report.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
