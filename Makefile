@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench clean-demo
+.PHONY: setup demo test lint bench quality clean-demo
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,3 +25,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m scripts.benchmark
+
+# the end-to-end quality benchmark (scripts/quality.py): ~40 min on 2 CPU cores, report in runs/quality
+quality: $(STAMP)
+	$(PY) -m scripts.quality --output-dir runs/quality

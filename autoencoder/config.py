@@ -39,7 +39,9 @@ class VAEConfig:
 class LossConfig:
     """Weights of the stage-1 objective: recon + perceptual + KL + adversarial (hinge PatchGAN)."""
 
-    recon: str = "l1"  # "l1", "l2" or "l1+l2" (autoencoder.losses.reconstruction_loss)
+    # "l2" (default: keeps the colour of small objects, README "Stage-1 recipe"), "l1" (LDM's
+    # choice for natural images) or "l1+l2" (autoencoder.losses.reconstruction_loss)
+    recon: str = "l2"
     recon_weight: float = 1.0
     perceptual_weight: float = 1.0  # 0 turns LPIPS off entirely
     lpips_pretrained: bool = True  # False: random backbone (tests, offline without weights)

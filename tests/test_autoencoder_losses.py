@@ -95,7 +95,7 @@ def _vae_and_batch():
 
 
 def _loss(**overrides) -> VAELoss:
-    kw = dict(perceptual_weight=0.0, disc_start=10, disc_channels=8, disc_layers=2, kl_weight=1e-6)
+    kw = dict(recon="l1", perceptual_weight=0.0, disc_start=10, disc_channels=8, disc_layers=2, kl_weight=1e-6)
     kw.update(overrides)
     return VAELoss(LossConfig(**kw))
 
