@@ -24,6 +24,7 @@ from autoencoder.model import weights_hash
 from data.errors import BadInputError
 from data.latents import make_latent_loader
 from data.shards import ShardError, load_manifest
+from diffusion.conditioning import drop_labels, training_frame_masks
 from diffusion.config import DiffusionConfig, UNetConfig
 from diffusion.process import GaussianDiffusion
 from diffusion.unet3d import UNet3D
@@ -147,34 +148,6 @@ def forever(loader):
         yield from loader
 
 
-def frame_conditioning(x0, cfg: CondConfig, g):
-    """Random frames given to the model for some clips: returns cond_mask [B,1,T,1,1] (1 = given)
-    and the loss mask [B,T] (no loss on given frames)."""
-    b, _, t = x0.shape[:3]
-    mask = torch.zeros(b, t)
-    if t > 1 and cfg.frame_cond_prob > 0:
-        use = torch.rand(b, generator=g) < cfg.frame_cond_prob
-        prefix = torch.rand(b, generator=g) < cfg.frame_cond_prefix_prob
-        k = torch.randint(1, t, (b,), generator=g)  # 1..T-1 frames given, at least one generated
-        for i in torch.nonzero(use).flatten().tolist():
-            if prefix[i]:
-                mask[i, : k[i]] = 1
-            else:
-                mask[i, torch.randperm(t, generator=g)[: k[i]]] = 1
-    mask = mask.to(x0.device)
-    return mask[:, None, :, None, None].to(x0.dtype), 1 - mask
-
-
-def labels_with_dropout(labels, num_classes, p, g):
-    if num_classes == 0:
-        return None
-    labels = labels.clone()
-    labels[labels < 0] = num_classes
-    drop = torch.rand(labels.shape, generator=g) < p
-    labels[drop.to(labels.device)] = num_classes
-    return labels
-
-
 def train(args) -> None:  # noqa: C901 - the loop is kept in one place on purpose
     out = Path(args.output_dir)
     cfg = resolve_config(DiffusionRunConfig, args, write=False)
@@ -291,7 +264,7 @@ def train_step(acc, model, diffusion, opt, sched, guard, cfg, vb, ib, step):
                 idx = torch.randint(0, x_img.shape[2], (n_img,), generator=g)
                 x_img = x_img[torch.arange(n_img), :, idx][:, :, None]  # [B_img,C,1,h,w]
             x_img = x_img.to(device)
-            labels = labels_with_dropout(ib["label"], cfg.model.num_classes, cc.class_dropout, g)
+            labels = drop_labels(ib["label"], cfg.model.num_classes, cc.class_dropout, g)
             with acc.no_sync(model), acc.autocast():
                 out = diffusion.training_losses(model, x_img, model_kwargs=_kw(labels, device), generator=g)
                 loss_img = out["loss"].sum() / total
@@ -299,9 +272,9 @@ def train_step(acc, model, diffusion, opt, sched, guard, cfg, vb, ib, step):
             logs["loss_image"] = out["loss"].mean().item()
         kwargs, loss_mask = {}, None  # a model without frame conditioning is given no frames: loss on all
         if cfg.model.frame_conditioning:
-            cond_mask, loss_mask = frame_conditioning(x_vid, cc, g)
+            cond_mask, loss_mask = training_frame_masks(x_vid, cc.frame_cond_prob, cc.frame_cond_prefix_prob, g)
             kwargs.update(cond_frames=x_vid * cond_mask, cond_mask=cond_mask)
-        labels = labels_with_dropout(vb["label"], cfg.model.num_classes, cc.class_dropout, g)
+        labels = drop_labels(vb["label"], cfg.model.num_classes, cc.class_dropout, g)
         kwargs.update(_kw(labels, device))
         with acc.autocast():
             out = diffusion.training_losses(model, x_vid, model_kwargs=kwargs, frame_mask=loss_mask, generator=g)

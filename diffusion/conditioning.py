@@ -1,0 +1,47 @@
+"""Training-time conditioning rules: which frames a clip is given (frame conditioning, for
+prediction / extension) and which labels are dropped to the null label (classifier-free guidance).
+Sampling-time counterparts are in diffusion/guidance.py and diffusion/sampling.py.
+
+Both draw from a caller's `torch.Generator` in a fixed order, so a training step's draws are a
+pure function of its seed (exact resume)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def training_frame_masks(x0: torch.Tensor, cond_prob: float, prefix_prob: float,
+                         generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random frames given to the model for some clips of x0 [B, C, T, h, w].
+
+    With probability `cond_prob` a clip gets K ~ U{1..T-1} frames given (at least one is always
+    generated): its first K frames with probability `prefix_prob`, else K frames at random.
+    Returns cond_mask [B, 1, T, 1, 1] (1 = given, x0's dtype and device) and the loss mask [B, T]
+    (0 on given frames: no loss there). Images (T = 1) are never given frames."""
+    b, _, t = x0.shape[:3]
+    mask = torch.zeros(b, t)
+    if t > 1 and cond_prob > 0:
+        use = torch.rand(b, generator=generator) < cond_prob
+        prefix = torch.rand(b, generator=generator) < prefix_prob
+        k = torch.randint(1, t, (b,), generator=generator)  # 1..T-1 frames given
+        for i in torch.nonzero(use).flatten().tolist():
+            if prefix[i]:
+                mask[i, : k[i]] = 1
+            else:
+                mask[i, torch.randperm(t, generator=generator)[: k[i]]] = 1
+    mask = mask.to(x0.device)
+    return mask[:, None, :, None, None].to(x0.dtype), 1 - mask
+
+
+def drop_labels(labels: torch.Tensor, num_classes: int, p: float,
+                generator: torch.Generator | None = None) -> torch.Tensor | None:
+    """Class labels [B] for a training step of a classifier-free-guidance model: each replaced by
+    the null label (index `num_classes`) with probability `p`; unlabelled samples (label < 0) always
+    get the null label. None for an unconditional model (num_classes == 0)."""
+    if num_classes == 0:
+        return None
+    labels = labels.clone()
+    labels[labels < 0] = num_classes
+    drop = torch.rand(labels.shape, generator=generator) < p
+    labels[drop.to(labels.device)] = num_classes
+    return labels
