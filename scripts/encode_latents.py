@@ -1,4 +1,4 @@
-"""Encode videos (clips) and images into WebDataset shards of VAE latents, resumably (DESIGN.md).
+"""Encode videos (clips) and images into WebDataset shards of VAE latents, resumably (docs/design.md).
 
 Inputs are sorted and cut into fixed "work units" before anything is decoded, so shard N always
 holds the same inputs: `video-N.tar` holds the clips of `encode.videos_per_shard` videos and

@@ -1,4 +1,4 @@
-"""Project-wide rules: DESIGN.md import rules (checked with ast), `--help` on every entry point,
+"""Project-wide rules: the import rules of docs/design.md (checked with ast), `--help` on every entry point,
 and no code path that unpickles (safetensors for tensors, weights_only=True for torch.load)."""
 
 import ast

@@ -1,4 +1,4 @@
-"""Atomic, rotated, verifiable training checkpoints (DESIGN.md "Checkpoint").
+"""Atomic, rotated, verifiable training checkpoints (docs/design.md, "Hand-written on purpose").
 
 Layout: ``DIR/checkpoints/step-0000123/`` holding ``<name>.safetensors`` (tensor state dicts),
 ``<name>.pt`` (optimizer/scheduler/scaler states, loaded with ``weights_only=True``),

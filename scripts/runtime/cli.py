@@ -1,4 +1,4 @@
-"""Command-line conventions shared by every entry point (DESIGN.md): `--config FILE.yaml`,
+"""Command-line conventions shared by every entry point (docs/design.md): `--config FILE.yaml`,
 trailing `section.key=value` overrides, `--output-dir DIR`, resolved config in DIR/config.yaml."""
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class TrainConfig:
-    """Keys every training config has (DESIGN.md)."""
+    """Keys every training config has (docs/design.md)."""
 
     batch_size: int = 8
     lr: float = 1e-4
