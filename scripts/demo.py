@@ -58,7 +58,8 @@ def quality_report(data_dir: Path, sample_dir: Path) -> dict:
 
     samples = [read_video(p)[0] for p in sorted(sample_dir.glob("*.mp4"))]
     length = min(len(v) for v in samples)
-    train = [read_video(p)[0][:length] for p in sorted(data_dir.rglob("*.mp4"))[:32]]
+    paths = sorted(data_dir.rglob("*.mp4"))  # class by class: take every k-th, so all classes count
+    train = [read_video(p)[0][:length] for p in paths[:: max(1, len(paths) // 32)]]
     return {"training_data": video_quality(train, train, size=SIZE),
             "samples": video_quality([v[:length] for v in samples], train, size=SIZE)}
 

@@ -76,6 +76,12 @@ def parse_args(argv):
     return args
 
 
+def _spread(paths: list, n: int) -> list:
+    """At most n of the paths, evenly spaced: every class folder is represented (sorted paths
+    run class by class, and classes differ in object area)."""
+    return paths if len(paths) <= n else [paths[round(i * len(paths) / n)] for i in range(n)]
+
+
 def _read_videos(paths, frames: int) -> list[np.ndarray]:
     from data.video_io import read_video
 
@@ -96,7 +102,7 @@ def evaluate(args, out: Path) -> dict:
     if not samples:
         raise SystemExit(f"[quality] no sample videos in {out / 'samples'}")
     length = min(len(v) for v in samples)
-    train = _read_videos(sorted((out / "data").rglob("*.mp4"))[:96], length)
+    train = _read_videos(_spread(sorted((out / "data").rglob("*.mp4")), 120), length)
     heldout = _read_videos(sorted((out / "heldout").rglob("*.mp4")), length)
 
     vae = FrameVAE.from_pretrained(out / "vae" / "export").eval()
