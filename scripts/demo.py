@@ -37,15 +37,19 @@ def run_stage(out: Path, name: str, fn, fresh: bool, tag: str = "demo") -> float
     marker = out / f".done-{name}"
     if marker.exists() and not fresh:
         print(f"[{tag}] {name}: already done ({marker}), skipping")
-        return 0.0
+        try:  # the time it took when it ran, so a rerun's report keeps it
+            return float(json.loads(marker.read_text())["seconds"])
+        except (ValueError, KeyError, TypeError):
+            return 0.0
     print(f"[{tag}] {name}: starting", flush=True)
     t0 = time.time()
     rc = fn()
     if rc not in (0, None):
         raise SystemExit(f"[{tag}] stage {name} failed with exit code {rc}")
-    marker.write_text(json.dumps({"seconds": time.time() - t0}))
-    print(f"[{tag}] {name}: done in {time.time() - t0:.0f}s", flush=True)
-    return time.time() - t0
+    seconds = time.time() - t0
+    marker.write_text(json.dumps({"seconds": seconds}))
+    print(f"[{tag}] {name}: done in {seconds:.0f}s", flush=True)
+    return seconds
 
 
 def quality_report(data_dir: Path, sample_dir: Path) -> dict:

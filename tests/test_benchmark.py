@@ -100,8 +100,12 @@ def test_quality_bench_runs_end_to_end_through_the_command_lines(tmp_path, capsy
     assert math.isfinite(report["stage1"]["delta_e"]) and report["frames_scored"] == 8
     for stage in ("data", "vae", "encode", "diffusion", "sample"):
         assert (out / f".done-{stage}").exists()
+    first = report["seconds"]
     assert benchmark.main(["--quick", "--only", "quality", "--quality-dir", str(out)]) == 0
     assert "already done" in capsys.readouterr().out
+    again = json.loads((out / "report.json").read_text())
+    assert again["video_quality"] == report["video_quality"]  # the same files score the same
+    assert all(again["seconds"][k] == first[k] for k in ("vae", "diffusion"))  # times of the first run kept
 
 
 def test_make_synthetic_radius(tmp_path):
