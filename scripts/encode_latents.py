@@ -170,15 +170,16 @@ def _identity(x):
     return x
 
 
-def _quiet_worker(_):
-    import cv2
-
-    cv2.setNumThreads(1)
-    torch.set_num_threads(1)
-
-
 def _loader(dataset: Dataset, num_workers: int):
-    kw = dict(num_workers=num_workers, worker_init_fn=_quiet_worker) if num_workers > 0 else {}
+    if num_workers > 0:
+        # One OpenCV thread per decoding process, set here in the parent before the workers are
+        # forked: calling cv2.setNumThreads in a forked child can deadlock (it waits on the
+        # parent's thread pool, whose threads the child does not have), which hung a test run.
+        # The DataLoader itself gives each worker one torch thread.
+        import cv2
+
+        cv2.setNumThreads(1)
+    kw = dict(num_workers=num_workers) if num_workers > 0 else {}
     return DataLoader(dataset, batch_size=None, shuffle=False, collate_fn=_identity, **kw)
 
 
