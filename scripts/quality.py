@@ -68,7 +68,8 @@ def parse_args(argv):
         args.num_videos, args.heldout_videos, args.num_samples = 12, 6, 3
         args.size, args.frames, args.sample_steps = 32, 8, 4
         args.encode_set = ["encode.clip_len=8", *args.encode_set]
-        args.vae_set = ["train.max_steps=4", "val.every=0", "train.batch_size=4", *args.vae_set]
+        args.vae_set = ["train.max_steps=4", "val.every=0", "train.batch_size=4", "loss.lpips_pretrained=false",
+                        *args.vae_set]
         args.diffusion_set = ["train.max_steps=4", "train.batch_size=2", "model.base_channels=16",
                               "model.channel_mult=[1]", "model.head_dim=16", "model.norm_groups=8",
                               "data.shuffle_buffer=4", *args.diffusion_set]
