@@ -54,8 +54,11 @@ def foreground_mask(frames, threshold: float = FG_THRESHOLD, chroma: float = FG_
     """bool [T, H, W]: pixels that differ from the frame's background colour by more than `threshold`
     in any channel, or whose CIELAB chroma exceeds `chroma` (saturated colour)."""
     f = _clip(frames)
+    return _foreground(f, srgb_to_lab(f), threshold, chroma)
+
+
+def _foreground(f: np.ndarray, lab: np.ndarray, threshold: float = FG_THRESHOLD, chroma: float = FG_CHROMA):
     diff = np.abs(f.astype(np.float64) - background_colour(f)[:, None, None, :]).max(axis=-1)
-    lab = srgb_to_lab(f)
     return (diff > threshold) | (np.hypot(lab[..., 1], lab[..., 2]) > chroma)
 
 
@@ -74,11 +77,12 @@ def colour_fidelity(original, recon) -> dict[str, float]:
     a, b = _clip(original), _clip(recon)
     if a.shape != b.shape:
         raise ValueError(f"original {a.shape} and reconstruction {b.shape} differ in shape")
-    mask = foreground_mask(a) | foreground_mask(b)
+    lab_a, lab_b = srgb_to_lab(a), srgb_to_lab(b)
+    mask = _foreground(a, lab_a) | _foreground(b, lab_b)
     if not mask.any():
         mask = np.ones_like(mask)
     fa, fb = a.astype(np.float64), b.astype(np.float64)
-    de = np.linalg.norm(srgb_to_lab(a) - srgb_to_lab(b), axis=-1)[mask]
+    de = delta_e(lab_a, lab_b)[mask]
     mse = ((fa - fb) ** 2)[mask].mean()
     errors = []
     for t in range(a.shape[0]):

@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import torch
 
-from .colour import background_colour
+from .colour import background_colour, delta_e, srgb_to_lab
 from .errors import BadInputError
 from .transforms import to_tensor
 from .video_io import video_info, write_video
@@ -240,8 +240,6 @@ def video_quality(videos, reference, *, size: int | None = None, jump_fraction: 
     - `smoothness`, `speed_px`, `jump_rate`, `videos_tracked`: motion_summary over the videos where
       the object is found in every frame; a jump is a move over `jump_fraction` x size in one frame.
     """
-    from .colour import delta_e, srgb_to_lab
-
     reference, videos = [np.asarray(v) for v in reference], [np.asarray(v) for v in videos]
     if not reference or not videos:
         raise ValueError("video_quality needs at least one video and one reference video")

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
+
+from scripts.runtime.stages import run_stage, spread
 
 STAGES = ("data", "vae", "encode", "diffusion", "sample")
 SIZE = 32  # frame size of the synthetic videos
@@ -33,25 +34,6 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def run_stage(out: Path, name: str, fn, fresh: bool, tag: str = "demo") -> float:
-    marker = out / f".done-{name}"
-    if marker.exists() and not fresh:
-        print(f"[{tag}] {name}: already done ({marker}), skipping")
-        try:  # the time it took when it ran, so a rerun's report keeps it
-            return float(json.loads(marker.read_text())["seconds"])
-        except (ValueError, KeyError, TypeError):
-            return 0.0
-    print(f"[{tag}] {name}: starting", flush=True)
-    t0 = time.time()
-    rc = fn()
-    if rc not in (0, None):
-        raise SystemExit(f"[{tag}] stage {name} failed with exit code {rc}")
-    seconds = time.time() - t0
-    marker.write_text(json.dumps({"seconds": seconds}))
-    print(f"[{tag}] {name}: done in {seconds:.0f}s", flush=True)
-    return seconds
-
-
 def quality_report(data_dir: Path, sample_dir: Path) -> dict:
     """What a person sees in the samples, against the training videos (data.synthetic.video_quality):
     objects found whole, in the data's colours and constant along the clip, and the tracked motion
@@ -62,8 +44,7 @@ def quality_report(data_dir: Path, sample_dir: Path) -> dict:
 
     samples = [read_video(p)[0] for p in sorted(sample_dir.glob("*.mp4"))]
     length = min(len(v) for v in samples)
-    paths = sorted(data_dir.rglob("*.mp4"))  # class by class: take every k-th, so all classes count
-    train = [read_video(p)[0][:length] for p in paths[:: max(1, len(paths) // 32)]]
+    train = [read_video(p)[0][:length] for p in spread(sorted(data_dir.rglob("*.mp4")), 32)]
     return {"training_data": video_quality(train, train, size=SIZE),
             "samples": video_quality([v[:length] for v in samples], train, size=SIZE)}
 

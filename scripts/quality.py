@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from scripts.runtime.stages import run_stage, spread
+
 GOALS = {  # name -> (description, check(samples, data))
     "found_whole": ("object found whole in >= 95% of frames", lambda s, d: s["found_whole"] >= 0.95),
     "colour_match": ("object colour within 15 ΔE of a data colour in >= 95% of videos",
@@ -76,12 +78,6 @@ def parse_args(argv):
     return args
 
 
-def _spread(paths: list, n: int) -> list:
-    """At most n of the paths, evenly spaced: every class folder is represented (sorted paths
-    run class by class, and classes differ in object area)."""
-    return paths if len(paths) <= n else [paths[round(i * len(paths) / n)] for i in range(n)]
-
-
 def _read_videos(paths, frames: int) -> list[np.ndarray]:
     from data.video_io import read_video
 
@@ -92,6 +88,7 @@ def evaluate(args, out: Path) -> dict:
     """Score stage 1 and the samples (see the module docstring)."""
     import torch
 
+    from autoencoder.metrics import psnr
     from autoencoder.model import FrameVAE
     from autoencoder.video import decode_video, encode_video
     from data.colour import colour_fidelity
@@ -102,7 +99,7 @@ def evaluate(args, out: Path) -> dict:
     if not samples:
         raise SystemExit(f"[quality] no sample videos in {out / 'samples'}")
     length = min(len(v) for v in samples)
-    train = _read_videos(_spread(sorted((out / "data").rglob("*.mp4")), 120), length)
+    train = _read_videos(spread(sorted((out / "data").rglob("*.mp4")), 120), length)
     heldout = _read_videos(sorted((out / "heldout").rglob("*.mp4")), length)
 
     vae = FrameVAE.from_pretrained(out / "vae" / "export").eval()
@@ -113,7 +110,7 @@ def evaluate(args, out: Path) -> dict:
             r = to_uint8(decode_video(vae, mean, chunk_size=16)[0])
             recons.append(r)
             f = colour_fidelity(v, r)
-            f["psnr"] = float(10 * np.log10(255.0**2 / max(((v.astype(float) - r) ** 2).mean(), 1e-10)))
+            f["psnr"] = psnr(to_tensor(v)[None], to_tensor(r)[None]).item()
             fid.append(f)
     stage1 = {k: float(np.mean([f[k] for f in fid])) for k in ("psnr", "fg_psnr", "delta_e", "fg_colour_error")}
 
@@ -131,7 +128,6 @@ def evaluate(args, out: Path) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from scripts import encode_latents, make_synthetic, sample, train_autoencoder, train_diffusion
-    from scripts.demo import run_stage
 
     out = args.output_dir
     out.mkdir(parents=True, exist_ok=True)

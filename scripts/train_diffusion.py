@@ -344,7 +344,7 @@ def periodic_samples(cfg, ema, raw, manifest, out_dir, step, device, fps):
     if frames is None:
         return None
     # what a person would see: objects whole, in the data's colours, constant, moving like the data
-    quality = sample_quality(frames, cfg.data.shards, stats, cfg.sample.autoencoder, device=device)
+    quality = sample_quality(frames, cfg.data.shards, cfg.sample.autoencoder, device=device)
     return {"step": step, "split": "sample", **quality}
 
 

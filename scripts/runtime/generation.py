@@ -8,6 +8,7 @@ label_name, frames, ...}; decoding un-whitens with the recorded stats.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -165,22 +166,29 @@ def sample_and_save(model, unet_cfg, diff_cfg, *, latent_shape, frames: int, cla
     return paths, frames_u8
 
 
-def sample_quality(samples_u8, shards, stats: dict | None, autoencoder: str, *, num_reference: int = 32,
-                   device="cpu") -> dict[str, float]:
+@functools.lru_cache(maxsize=2)
+def _decoded_reference(shards: str, autoencoder: str, num: int, device: str) -> np.ndarray:
+    """The first `num` video clips of the shards (posterior means), un-whitened with the shards'
+    stats.json and decoded by the autoencoder -> uint8 [num,T,H,W,3]. Cached: periodic samples of
+    one run compare against the same clips every time, so they are decoded once."""
+    from autoencoder.model import FrameVAE
+    from data.latents import make_latent_loader
+
+    reference = []
+    for batch in make_latent_loader(shards, kind="video", batch_size=min(8, num), shuffle_buffer=0, use_mean=True):
+        reference.append(batch["latent"])
+        if sum(len(r) for r in reference) >= num:
+            break
+    stats = json.loads((Path(shards) / "stats.json").read_text())
+    vae = FrameVAE.from_pretrained(autoencoder).to(device)
+    return decode_to_uint8(vae, un_whiten(torch.cat(reference)[:num], stats), device=device)
+
+
+def sample_quality(samples_u8, shards, autoencoder: str, *, num_reference: int = 32, device="cpu") -> dict[str, float]:
     """data.synthetic.video_quality of decoded samples (uint8 [N,T,H,W,3]) against the first
     `num_reference` clips of the shards decoded by the same autoencoder (posterior means): whether
     objects come out whole, in the data's colours, constant along the clip, and move like the data."""
-    from autoencoder.model import FrameVAE
-    from data.latents import make_latent_loader
     from data.synthetic import video_quality
 
-    reference = []
-    for batch in make_latent_loader(shards, kind="video", batch_size=min(8, num_reference), shuffle_buffer=0,
-                                    use_mean=True):  # fmt: skip
-        reference.append(batch["latent"])
-        if sum(len(r) for r in reference) >= num_reference:
-            break
-    latents = torch.cat(reference)[:num_reference]
-    vae = FrameVAE.from_pretrained(autoencoder).to(device)
-    ref_u8 = decode_to_uint8(vae, un_whiten(latents, stats), device=device)
-    return video_quality(list(samples_u8), list(ref_u8))
+    reference = _decoded_reference(str(shards), str(autoencoder), num_reference, str(device))
+    return video_quality(list(samples_u8), list(reference))
