@@ -15,6 +15,9 @@ class UNetConfig:
     num_res_blocks: int = 2
     # levels (indices into channel_mult) that get spatial + temporal attention after each res block
     attention_levels: tuple[int, ...] = (2, 3)
+    # levels that get temporal attention; None: the same as attention_levels. Temporal attention is
+    # cheap at any level (T tokens per pixel); spatial attention at a fine level is not.
+    temporal_attention_levels: tuple[int, ...] | None = None
     head_dim: int = 32
     norm_groups: int = 32
     dropout: float = 0.0
@@ -29,6 +32,10 @@ class UNetConfig:
         d = asdict(self)
         d["channel_mult"] = list(self.channel_mult)
         d["attention_levels"] = list(self.attention_levels)
+        if self.temporal_attention_levels is None:
+            del d["temporal_attention_levels"]  # as before the key existed: old checkpoints still match
+        else:
+            d["temporal_attention_levels"] = list(self.temporal_attention_levels)
         return d
 
     @classmethod

@@ -29,7 +29,8 @@ MODEL_TYPE = "UNet3D"  # recorded in the exported config.json
 class UNetBlock(nn.Module):
     """One residual block, optionally followed by spatial attention then temporal attention."""
 
-    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, config: UNetConfig, attention: bool):
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, config: UNetConfig, attention: bool,
+                 temporal: bool | None = None):
         super().__init__()
         c = config
         self.res = ResBlock(
@@ -37,7 +38,7 @@ class UNetBlock(nn.Module):
         )
         self.spatial_attn = SpatialAttention(out_ch, c.head_dim, c.norm_groups) if attention else None
         self.temporal_attn = None
-        if attention and c.temporal_attention:
+        if (attention if temporal is None else temporal) and c.temporal_attention:
             self.temporal_attn = TemporalAttention(out_ch, c.head_dim, c.norm_groups, c.max_relative_position)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor, num_frames: int) -> torch.Tensor:
@@ -68,9 +69,11 @@ class UNet3D(nn.Module):
 
         ch, skips = base, [base]
         self.down = nn.ModuleList()
+        temporal = c.attention_levels if c.temporal_attention_levels is None else c.temporal_attention_levels
         for level, mult in enumerate(c.channel_mult):
             for _ in range(c.num_res_blocks):
-                self.down.append(UNetBlock(ch, mult * base, emb_dim, c, level in c.attention_levels))
+                self.down.append(UNetBlock(ch, mult * base, emb_dim, c, level in c.attention_levels,
+                                           level in temporal))
                 ch = mult * base
                 skips.append(ch)
             if level < len(c.channel_mult) - 1:
@@ -85,7 +88,8 @@ class UNet3D(nn.Module):
         for level, mult in reversed(list(enumerate(c.channel_mult))):
             for i in range(c.num_res_blocks + 1):
                 self.up.append(
-                    UNetBlock(ch + skips.pop(), mult * base, emb_dim, c, level in c.attention_levels)
+                    UNetBlock(ch + skips.pop(), mult * base, emb_dim, c, level in c.attention_levels,
+                              level in temporal)
                 )
                 ch = mult * base
                 if level > 0 and i == c.num_res_blocks:

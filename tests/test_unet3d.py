@@ -234,3 +234,24 @@ def test_network_imports_no_process_sampler_or_other_stage(path):
             names = [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
         for name in names:
             assert not name.startswith(banned), f"{path} imports {name}"
+
+
+def test_temporal_attention_levels_apart_from_spatial():
+    """temporal_attention_levels puts temporal attention at levels without spatial attention (it is
+    cheap at fine levels); the default keeps them together, and the key is absent from the dict."""
+
+    def where(model, kind):
+        return {name.split(".")[0] + "." + name.split(".")[1] for name, m in model.named_modules()
+                if name.endswith(kind) and m is not None and not name.startswith("middle")}
+
+    default = UNet3D(tiny_config())
+    assert "temporal_attention_levels" not in default.config.to_dict()
+    assert where(default, "temporal_attn") == where(default, "spatial_attn") == {"down.2", "up.0", "up.1"}
+    cfg = tiny_config(temporal_attention_levels=(0, 1))
+    apart = randomize(UNet3D(cfg))
+    assert where(apart, "spatial_attn") == {"down.2", "up.0", "up.1"}
+    assert where(apart, "temporal_attn") == {"down.0", "down.2", "up.0", "up.1", "up.3", "up.4"}  # up.2: Upsample
+    assert UNetConfig.from_dict(cfg.to_dict()) == cfg
+    with torch.no_grad():  # clips and images (T = 1 skips every temporal layer) both run
+        assert apart(torch.randn(2, 4, 5, 8, 8), torch.tensor([10, 500])).shape == (2, 4, 5, 8, 8)
+        assert apart(torch.randn(2, 4, 1, 8, 8), torch.tensor([10, 500])).shape == (2, 4, 1, 8, 8)
