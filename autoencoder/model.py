@@ -2,25 +2,21 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from autoencoder.config import VAEConfig
 from autoencoder.distributions import DiagonalGaussian
 from autoencoder.layers import AttnBlock2d, Downsample, ResnetBlock2d, Upsample, group_norm
+from data.files import CONFIG_NAME, WEIGHTS_NAME, missing_export_hint, sha256_file, write_export
 
 MODEL_TYPE = "FrameVAE"
 FORMAT_VERSION = 1
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 
 
 class MidBlock(nn.Module):
@@ -174,84 +170,17 @@ def weights_hash(folder: str | os.PathLike) -> str:
     path = Path(folder) / WEIGHTS_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{folder}: no {WEIGHTS_NAME} (not a FrameVAE export folder?)")
-    return _sha256(path)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make renames inside `path` durable (no-op where directories cannot be opened, e.g. Windows)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, write) -> None:
-    """Call write(tmp_path), fsync, then rename over `path` (a reader never sees a half-written file)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    return sha256_file(path)
 
 
 def _save_export(model: FrameVAE, folder: Path) -> Path:
-    # A new folder is written as a hidden temp folder and renamed into place. An existing one
-    # (which may hold other files) gets each file replaced atomically: weights first, config.json
-    # last; the weights hash recorded in config.json catches a crash between the two at load time.
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    target = folder
-    if not folder.exists():
-        target = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
-        os.chmod(target, 0o777 & ~_umask())  # mkdtemp makes 0700
-    try:
-        weights = target / WEIGHTS_NAME
-        _write_atomic(weights, lambda p: save_file(state, p, metadata={"model_type": MODEL_TYPE}))
-        meta = {
-            "model_type": MODEL_TYPE,
-            "format_version": FORMAT_VERSION,
-            "config": model.config.to_dict(),
-            "weights_file": WEIGHTS_NAME,
-            "weights_sha256": _sha256(weights),
-        }
-        text = json.dumps(meta, indent=2, sort_keys=True) + "\n"
-        _write_atomic(target / CONFIG_NAME, lambda p: Path(p).write_text(text))
-        if target != folder:
-            os.replace(target, folder)
-        _fsync_dir(folder.parent)
-    finally:
-        if target != folder and target.exists():
-            shutil.rmtree(target, ignore_errors=True)
-    return folder
+    meta = {"format_version": FORMAT_VERSION, "config": model.config.to_dict(), "weights_file": WEIGHTS_NAME}
+    return write_export(folder, model.state_dict(), meta, MODEL_TYPE)
 
 
 def _read_config(folder: Path) -> tuple[VAEConfig, dict]:
     if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: FrameVAE export folder does not exist")
+        raise FileNotFoundError(f"{folder}: FrameVAE export folder does not exist{missing_export_hint(folder)}")
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         if not (folder / name).is_file():
             raise FileNotFoundError(f"{folder}: missing {name} (expected {CONFIG_NAME} + {WEIGHTS_NAME})")
@@ -296,7 +225,7 @@ def _load_export(cls, folder: Path, map_location) -> FrameVAE:
         raise ValueError(f"{folder / WEIGHTS_NAME}: cannot read safetensors file ({e})") from e
     _check_state(folder, model.state_dict(), state)
     recorded = meta.get("weights_sha256")
-    if recorded is not None and recorded != _sha256(folder / WEIGHTS_NAME):
+    if recorded is not None and recorded != sha256_file(folder / WEIGHTS_NAME):
         raise ValueError(
             f"{folder}: {WEIGHTS_NAME} does not match the weights_sha256 in config.json "
             "(file replaced or partially written); re-export the model"

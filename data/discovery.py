@@ -3,13 +3,13 @@ and a deterministic hash-based train/val split."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import BadInputError
+from .files import stable_hash
 from .video_io import IMAGE_EXTS, VIDEO_EXTS
 
 log = logging.getLogger(__name__)
@@ -100,8 +100,7 @@ def discover(root) -> tuple[list[MediaItem], list[str]]:
 
 def _unit_hash(relpath: str, seed: int) -> float:
     """A stable number in [0, 1) from (seed, relpath): sha256, not Python's salted hash()."""
-    digest = hashlib.sha256(f"{seed}:{relpath}".encode("utf-8", "surrogateescape")).digest()
-    return int.from_bytes(digest[:8], "big") / 2.0**64
+    return stable_hash(seed, relpath, byteorder="big") / 2.0**64
 
 
 def split_of(relpath: str, val_fraction: float = 0.1, seed: int = 0) -> str:

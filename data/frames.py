@@ -13,6 +13,7 @@ import torch
 from .clips import clip_span
 from .discovery import MediaItem, assign_splits, discover
 from .errors import BadInputError
+from .files import seed_from
 from .synthetic import SYNTHETIC_CLASSES, make_synthetic_video
 from .transforms import resize_and_crop, to_tensor
 from .video_io import count_frames, read_image, read_video
@@ -210,3 +211,61 @@ class ClipDataset(_MediaDataset):
         else:
             frames, _ = read_video(item.path, start=0, stride=self.stride, num_frames=self.clip_len)
         return {"video": to_tensor(resize_and_crop(frames, self.size)), "label": item.label}
+
+
+# ----------------------------------------------------------------------------- batch order
+
+
+class EpochBatchSampler(torch.utils.data.Sampler):
+    """Batches of dataset indices for one epoch on one process: a permutation that is a pure
+    function of (seed, epoch), cut into per-process slices (rank::world_size, remainder
+    dropped so every process takes the same number of steps), minus the first `skip` batches
+    already consumed before a resume. No decoding happens for skipped batches."""
+
+    def __init__(self, n: int, batch_size: int, *, seed: int, epoch: int, rank: int = 0, world_size: int = 1,
+                 skip: int = 0):
+        g = torch.Generator().manual_seed(seed_from(seed, epoch, 0, "epoch-order"))
+        perm = torch.randperm(n, generator=g).tolist()
+        per_rank = (n // world_size) // batch_size * batch_size
+        mine = perm[rank::world_size][:per_rank]
+        self.batches = [mine[i : i + batch_size] for i in range(0, per_rank, batch_size)][skip:]
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class FrameBatches:
+    """Stage 1's batch source, with the interface of the latent loader (`data.latents.LatentLoader`):
+    each `for` loop runs one epoch of `EpochBatchSampler` batches through a DataLoader, counting
+    them, and advances the epoch when it ends; `state_dict()` = {"epoch", "batch"} (batches of this
+    epoch already read), and after `load_state_dict` the next batch is the one an uninterrupted run
+    would read next."""
+
+    def __init__(self, dataset, batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1,
+                 num_workers: int = 0):
+        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+        self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
+        self.epoch, self.position = 0, 0
+
+    def __iter__(self):
+        self.dataset.set_epoch(self.epoch)
+        sampler = EpochBatchSampler(len(self.dataset), self.batch_size, seed=self.seed, epoch=self.epoch,
+                                    rank=self.rank, world_size=self.world_size, skip=self.position)
+        if len(sampler) == 0 and self.position == 0:
+            raise ValueError(f"the training set has {len(self.dataset)} frames: fewer than one batch of "
+                             f"{self.batch_size} per process; lower train.batch_size or add data")
+        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.num_workers,
+                                             worker_init_fn=seed_worker, pin_memory=False)
+        for batch in loader:
+            self.position += 1
+            yield batch
+        self.epoch, self.position = self.epoch + 1, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batch": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["batch"])

@@ -20,7 +20,6 @@ only checked with verify=True or scripts.verify_shards (reading all data each ep
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import random
@@ -33,26 +32,11 @@ import webdataset as wds
 from torch.utils.data import DataLoader, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
+from .files import seed_from
 from .shards import MANIFEST, ShardError, check_shard_files, load_manifest
-from .stats import LatentStats, load_stats
+from .stats import LatentStats, load_stats, whiten
 
 ALLOWED_MEMBERS = ("json", "logvar.npy", "mean.npy")  # nothing else is ever decoded (never pickle)
-
-
-def un_whiten(x: torch.Tensor, stats: LatentStats) -> torch.Tensor:
-    """Inverse of the reader's whitening: x * std + mean per channel; x is [..., C, T, h, w]."""
-    shape = (-1, 1, 1, 1)
-    mean = torch.as_tensor(stats.mean, dtype=x.dtype, device=x.device).view(shape)
-    std = torch.as_tensor(stats.std, dtype=x.dtype, device=x.device).view(shape)
-    return x * std + mean
-
-
-def whiten(x: torch.Tensor, stats: LatentStats) -> torch.Tensor:
-    """(x - mean) / std per channel; x is [..., C, T, h, w]."""
-    shape = (-1, 1, 1, 1)
-    mean = torch.as_tensor(stats.mean, dtype=x.dtype, device=x.device).view(shape)
-    std = torch.as_tensor(stats.std, dtype=x.dtype, device=x.device).view(shape)
-    return (x - mean) / std
 
 
 # ----------------------------------------------------------------------------- epoch plan (pure)
@@ -88,11 +72,6 @@ def worker_skips(batches_per_worker: list[int], consumed: int) -> tuple[list[int
         if not progressed:
             raise ValueError(f"resume position {consumed} is past the end of the epoch ({sum(batches_per_worker)})")
     return skips, nxt
-
-
-def _noise_seed(seed: int, epoch: int, key: str) -> int:
-    digest = hashlib.sha256(f"{seed}:{epoch}:{key}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 # ----------------------------------------------------------------------------- pipeline stages
@@ -176,17 +155,15 @@ def decode_sample(raw: dict, latent_shape: tuple[int, int, int], frames: int) ->
 
 def _to_latent(src, stats: LatentStats, use_mean: bool, seed: int, epoch: int, latent_shape, frames):
     # numpy, not torch: per-sample math on small arrays is slower with torch's intra-op threads
-    mean_c = stats.mean.astype(np.float32)[:, None, None, None]
-    inv_std_c = (1.0 / stats.std).astype(np.float32)[:, None, None, None]
     for raw in src:
         d = decode_sample(raw, latent_shape, frames)
         x = d["mean"].astype(np.float32)
         if not use_mean:  # posterior sample z = mean + exp(logvar / 2) * eps, eps seeded per sample
-            eps = np.random.default_rng(_noise_seed(seed, epoch, d["key"])).standard_normal(x.shape, np.float32)
+            eps = np.random.default_rng(seed_from(seed, epoch, d["key"])).standard_normal(x.shape, np.float32)
             x = x + np.exp(0.5 * d["logvar"].astype(np.float32)) * eps
         label = d["meta"].get("label")
         yield {
-            "latent": torch.from_numpy((x - mean_c) * inv_std_c),  # whitened, float32 [C, T, h, w]
+            "latent": torch.from_numpy(whiten(x, stats)),  # whitened, float32 [C, T, h, w]
             "label": -1 if label is None else int(label),
             "key": d["key"],
             "meta": d["meta"],
@@ -321,3 +298,55 @@ def make_latent_loader(folder_or_urls, **kwargs) -> LatentLoader:
     resume_position). Example: `for batch in make_latent_loader("shards/", kind="video",
     batch_size=8, seed=0, rank=r, world_size=n): batch["latent"]  # [B, C, T, h, w] whitened`."""
     return LatentLoader(folder_or_urls, **kwargs)
+
+
+class VideoImageBatches:
+    """Stage 2's batch source: endless (video batch, image batch or None) pairs from two latent
+    loaders, with the interface of `LatentLoader` (epoch = the video loader's; state_dict =
+    {"video": ..., "images": ...}). Images come from image shards when the folder has them, else
+    from video shards (the trainer takes one random frame of each clip)."""
+
+    def __init__(self, video: LatentLoader, images: LatentLoader | None):
+        self.video, self.images = video, images
+
+    @property
+    def epoch(self) -> int:
+        return self.video.epoch
+
+    def __iter__(self):
+        videos = _endless(self.video)
+        images = _endless(self.images) if self.images is not None else None
+        while True:
+            yield next(videos), (next(images) if images is not None else None)
+
+    def state_dict(self) -> dict:
+        state = {"video": self.video.state_dict()}
+        if self.images is not None:
+            state["images"] = self.images.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.video.load_state_dict(state["video"])
+        if self.images is not None and "images" in state:
+            self.images.load_state_dict(state["images"])
+
+
+def _endless(loader: LatentLoader):
+    while True:
+        yield from loader
+
+
+def make_training_batches(folder, *, batch_size: int, image_ratio: float, seed: int, **kwargs) -> VideoImageBatches:
+    """B video clips and round(image_ratio * B) images per step (images seeded with seed + 1);
+    kwargs go to both loaders (rank, world_size, use_mean, shuffle_buffer, num_workers, drop_last,
+    expected_autoencoder_hash). A ShardError when a rank would not get one full batch."""
+    kinds = {e["kind"] for e in load_manifest(folder)["shards"]}
+    video = make_latent_loader(folder, kind="video", batch_size=batch_size, seed=seed, **kwargs)
+    images, n_img = None, int(round(image_ratio * batch_size))
+    if n_img > 0:
+        kind = "image" if "image" in kinds else "video"
+        images = make_latent_loader(folder, kind=kind, batch_size=n_img, seed=seed + 1, **kwargs)
+    for loader, what in ((video, "video"), (images, "image")):
+        if loader is not None and len(loader) == 0:
+            raise ShardError(f"{folder}: not one full {what} batch per process; lower train.batch_size")
+    return VideoImageBatches(video, images)

@@ -5,14 +5,14 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .stats import RunningStats, _write_json_atomic
+from .files import atomic_write, sha256_file, write_json_atomic
+from .stats import RunningStats
 
 FORMAT = "lvd-latent-shards"
 FORMAT_VERSION = 1
@@ -61,19 +61,6 @@ def sample_members(key: str, mean: np.ndarray, logvar: np.ndarray, meta: dict) -
     return key, members
 
 
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def write_json_atomic(path: str | Path, obj) -> None:
-    """JSON (sorted keys) written to `path.tmp`, fsynced and renamed over `path`."""
-    _write_json_atomic(Path(path), obj)
-
-
 def write_tar(path: str | Path, samples: list[tuple[str, dict]]) -> dict:
     """Write `samples` [(key, {ext: bytes})] as a tar whose bytes depend only on its content.
 
@@ -82,8 +69,7 @@ def write_tar(path: str | Path, samples: list[tuple[str, dict]]) -> dict:
     complete: `name.tar.tmp` is written, fsynced and renamed. Returns {"bytes", "sha256"}.
     """
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as raw:
+    with atomic_write(path) as tmp, open(tmp, "wb") as raw:
         with tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for key, members in samples:
                 for ext in sorted(members):
@@ -93,24 +79,7 @@ def write_tar(path: str | Path, samples: list[tuple[str, dict]]) -> dict:
                     info.uid = info.gid = 0
                     info.uname = info.gname = ""
                     tar.addfile(info, io.BytesIO(data))
-        raw.flush()
-        os.fsync(raw.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-    return {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
 class ShardWriter:
@@ -160,7 +129,7 @@ class ShardWriter:
         tar = self.folder / side["name"]
         if not tar.exists() or tar.stat().st_size != side["bytes"]:
             return None
-        if check_hash and file_sha256(tar) != side["sha256"]:
+        if check_hash and sha256_file(tar) != side["sha256"]:
             return None
         return side
 
@@ -205,9 +174,8 @@ def finalize(folder: str | Path, sidecars: list[dict], **manifest_fields) -> dic
             part = RunningStats.from_dict(side["stats"])
             stats = part if stats is None else stats.merge(part)
     failures = sorted((f for s in sidecars for f in s["failures"]), key=lambda f: (f["relpath"], f["stage"]))
-    tmp = folder / (FAILURES + ".tmp")
-    tmp.write_text("".join(json.dumps(f, sort_keys=True) + "\n" for f in failures))
-    os.replace(tmp, folder / FAILURES)
+    with atomic_write(folder / FAILURES) as tmp:
+        tmp.write_text("".join(json.dumps(f, sort_keys=True) + "\n" for f in failures))
     if stats is not None:
         stats.save(folder / STATS)
     write_json_atomic(folder / MANIFEST, manifest)
@@ -261,7 +229,7 @@ def check_shard_files(folder: str | Path, manifest: dict, full_hash: bool) -> li
             problems.append(f"{path}: missing (listed in {MANIFEST})")
         elif path.stat().st_size != entry["bytes"]:
             problems.append(f"{path}: size {path.stat().st_size} bytes, manifest says {entry['bytes']} (truncated?)")
-        elif full_hash and file_sha256(path) != entry["sha256"]:
+        elif full_hash and sha256_file(path) != entry["sha256"]:
             problems.append(f"{path}: sha256 differs from {MANIFEST} (corrupted or modified)")
     return problems
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
+import torch
+
+from .files import write_json_atomic
 
 STD_FLOOR = 1e-6  # a constant channel would otherwise whiten to inf/nan
 
@@ -90,7 +92,7 @@ class RunningStats:
         if self.count == 0:
             raise ValueError("no latents were seen: cannot write statistics")
         out = {"channels": self.channels, "count": self.count, "mean": self.mean.tolist(), "std": self.std.tolist()}
-        _write_json_atomic(Path(path), out)
+        write_json_atomic(path, out)
 
     @classmethod
     def load(cls, path: str | Path) -> RunningStats:
@@ -115,6 +117,42 @@ class LatentStats:
     def channels(self) -> int:
         return self.mean.shape[0]
 
+    def to_dict(self) -> dict:
+        """{"channels", "count", "mean", "std"}: what `stats.json` and an export's config.json hold."""
+        return {"channels": self.channels, "count": self.count, "mean": self.mean.tolist(), "std": self.std.tolist()}
+
+
+def as_stats(stats: LatentStats | dict) -> LatentStats:
+    """A LatentStats from itself or from a {"mean", "std"} mapping (an export's or a latent file's)."""
+    return stats if isinstance(stats, LatentStats) else LatentStats(stats["mean"], stats["std"], stats.get("count", 0))
+
+
+def _params(stats, x):
+    """float32 (mean, 1/std, std) shaped [C, 1, 1, 1]: numpy arrays for numpy x, tensors on x's device."""
+    st = as_stats(stats)
+    arrays = (st.mean.astype(np.float32), (1.0 / st.std).astype(np.float32), st.std.astype(np.float32))
+    if isinstance(x, np.ndarray):
+        return [a.reshape(-1, 1, 1, 1) for a in arrays]
+    return [torch.as_tensor(a, device=x.device).to(x.dtype).view(-1, 1, 1, 1) for a in arrays]
+
+
+def whiten(x, stats: LatentStats | dict | None):
+    """(x - mean) * (1 / std) per channel; x is [C, T, h, w] or [N, C, T, h, w], numpy or torch.
+    The one whitening of the project: the shard reader, init videos and the tests use it; None is
+    the identity (latent files written without statistics)."""
+    if stats is None:
+        return x
+    mean, inv_std, _ = _params(stats, x)
+    return (x - mean) * inv_std
+
+
+def un_whiten(x, stats: LatentStats | dict | None):
+    """x * std + mean per channel: the inverse of `whiten` (sampler, decoder, export, evaluation)."""
+    if stats is None:
+        return x
+    mean, _, std = _params(stats, x)
+    return x * std + mean
+
 
 def load_stats(path: str | Path) -> LatentStats:
     """Read `stats.json` (or a shards folder holding one); errors name the file."""
@@ -131,13 +169,3 @@ def load_stats(path: str | Path) -> LatentStats:
     if d.get("channels", stats.channels) != stats.channels:
         raise ValueError(f"{path}: 'channels' is {d['channels']} but there are {stats.channels} means")
     return stats
-
-
-def _write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

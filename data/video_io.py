@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import BadInputError, VideoWriteError
+from .files import atomic_write
 
 VIDEO_EXTS = (".mp4", ".avi", ".mov", ".mkv", ".webm")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -228,19 +229,6 @@ def read_image(path) -> np.ndarray:
 # ----------------------------------------------------------------------------- writers
 
 
-@contextmanager
-def _atomic(path: Path) -> Iterator[Path]:
-    """Yield a hidden temporary name beside `path`; rename onto `path` only if the body succeeds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _check_frames(frames: np.ndarray) -> np.ndarray:
     frames = np.asarray(frames)
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] == 0:
@@ -316,7 +304,7 @@ def write_video(path, frames: np.ndarray, fps: float, *, crf: int = 18) -> Path:
     if not fps > 0:
         raise ValueError(f"fps must be > 0, got {fps}")
     suffix = path.suffix.lower()
-    with _atomic(path) as tmp:
+    with atomic_write(path) as tmp:
         if suffix == ".gif":
             stored = _write_gif(tmp, frames, fps)
             _verify_gif(tmp, path, stored, frames.shape[1:3])
@@ -342,7 +330,7 @@ def write_png(path, image: np.ndarray) -> Path:
     ok, data = cv2.imencode(".png", bgr)
     if not ok:
         raise VideoWriteError(f"{path}: PNG encoding failed")
-    with _atomic(path) as tmp:
+    with atomic_write(path) as tmp:
         with open(tmp, "wb") as f:
             f.write(data.tobytes())
         with open(tmp, "rb") as f:  # re-read before the file takes its name (bytes: any file name)

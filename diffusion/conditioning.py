@@ -45,3 +45,13 @@ def drop_labels(labels: torch.Tensor, num_classes: int, p: float,
     drop = torch.rand(labels.shape, generator=generator) < p
     labels[drop.to(labels.device)] = num_classes
     return labels
+
+
+def image_frames(latents: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The image half of joint training: [B, C, T, h, w] -> [B, C, 1, h, w], one random frame of
+    each clip (images from image shards, T = 1, pass through without a draw)."""
+    n, t = latents.shape[0], latents.shape[2]
+    if t == 1:
+        return latents
+    idx = torch.randint(0, t, (n,), generator=generator)
+    return latents[torch.arange(n), :, idx][:, :, None]

@@ -415,9 +415,10 @@ def run_sampler_quality(spec: dict) -> dict:
 
     from autoencoder.model import FrameVAE
     from data.latents import make_latent_loader
+    from data.stats import un_whiten
     from data.synthetic import motion_summary
     from scripts.runtime.export import load_diffusion_export
-    from scripts.runtime.generation import decode_to_uint8, generate, un_whiten
+    from scripts.runtime.generation import decode_to_uint8, generate
 
     device, _, sync = _setup(spec)
     demo = Path(spec["demo_dir"])

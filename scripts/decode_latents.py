@@ -44,7 +44,8 @@ def main(argv=None) -> int:
 
 def run(args) -> list[Path]:
     from autoencoder.model import FrameVAE, weights_hash
-    from scripts.runtime.generation import decode_to_uint8, load_latent_file, un_whiten, write_outputs
+    from data.stats import un_whiten
+    from scripts.runtime.generation import decode_to_uint8, load_latent_file, write_outputs
     from scripts.sample import pick_device
 
     cfg = resolve_config(DecodeConfig, args)

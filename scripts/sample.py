@@ -104,6 +104,7 @@ def encode_init_video(cfg, vae, meta, device) -> torch.Tensor:
     """Whitened latents [1, C, K, h, w] of the first `known_frames` frames of the init video."""
     from autoencoder.video import encode_video
     from data.clips import stride_for_fps
+    from data.stats import whiten
     from data.transforms import resize_and_crop, to_tensor
     from data.video_io import read_video, video_info
 
@@ -118,19 +119,16 @@ def encode_init_video(cfg, vae, meta, device) -> torch.Tensor:
     size = meta["latent"]["shape"][1] * vae.downsample_factor
     video = to_tensor(resize_and_crop(frames, size))[None].to(device)  # [1,3,K,H,W]
     mean, _ = encode_video(vae.to(device), video, chunk_size=8)
-    stats = meta["latent"]["stats"]
-    m = torch.tensor(stats["mean"], device=device).view(1, -1, 1, 1, 1)
-    s = torch.tensor(stats["std"], device=device).view(1, -1, 1, 1, 1)
-    return ((mean - m) / s).cpu()
+    return whiten(mean, meta["latent"]["stats"]).cpu()
 
 
 def run(args) -> list[Path]:
+    from data.stats import un_whiten
     from scripts.runtime.export import load_diffusion_export
     from scripts.runtime.generation import (
         decode_to_uint8,
         generate,
         save_latent_file,
-        un_whiten,
         write_outputs,
     )
 

@@ -11,23 +11,22 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from autoencoder.config import LossConfig, VAEConfig
 from autoencoder.losses import VAELoss
 from autoencoder.model import FrameVAE
 from data.errors import BadInputError
-from scripts.runtime.checkpoint import CheckpointError, CheckpointManager
+from data.frames import FrameBatches
+from scripts.runtime.checkpoint import CheckpointError
 from scripts.runtime.cli import build_parser, resolve_config, run_main
-from scripts.runtime.config import ConfigError, TrainConfig, save_config
+from scripts.runtime.config import ConfigError, TrainConfig
+from scripts.runtime.loop import Periodic, Task, run_training
 from scripts.runtime.training import (
     EMA,
-    EpochBatchSampler,
     MetricsLog,
     NonFiniteGuard,
     TrainingStopped,
@@ -110,7 +109,7 @@ def main(argv=None) -> int:
     return run_main(lambda: train(parse_args(argv)), (BadInputError, CheckpointError, TrainingStopped, ValueError))
 
 
-def train(args) -> None:  # noqa: C901 - the loop is kept in one place on purpose
+def train(args) -> None:
     out = Path(args.output_dir)
     cfg = resolve_config(AutoencoderRunConfig, args, write=False)
     tc = cfg.train
@@ -133,100 +132,35 @@ def train(args) -> None:  # noqa: C901 - the loop is kept in one place on purpos
     sched_d = torch.optim.lr_scheduler.LambdaLR(opt_d, warmup_lambda(tc.warmup_steps))
     model, disc, opt, opt_d = acc.prepare(model, disc, opt, opt_d)
     raw_model, raw_disc = acc.unwrap_model(model), acc.unwrap_model(disc)
-    ema = EMA(raw_model, tc.ema_decay)
-    guard = NonFiniteGuard(tc.max_nonfinite)
-    metrics = MetricsLog(out / "metrics.jsonl", enabled=acc.is_main_process)
-    ckpt = CheckpointManager(out / "checkpoints", tc.keep_checkpoints, is_main=acc.is_main_process,
-                             rank=acc.process_index, barrier=acc.wait_for_everyone)
+    ema, guard = EMA(raw_model, tc.ema_decay), NonFiniteGuard(tc.max_nonfinite)
 
-    step, epoch, batch_in_epoch = 0, 0, 0
-    latest = ckpt.latest()
-    if latest is not None:
-        tensors, objects, meta = ckpt.load(latest)
-        _check_same_model(meta, cfg, latest)
-        raw_model.load_state_dict(tensors["model"])
-        raw_disc.load_state_dict(tensors["discriminator"])
-        ema.load_state_dict(tensors["ema"], meta["ema_updates"])
-        opt.load_state_dict(objects["optimizer"])
-        opt_d.load_state_dict(objects["optimizer_disc"])
-        sched.load_state_dict(objects["scheduler"])
-        sched_d.load_state_dict(objects["scheduler_disc"])
-        if acc.scaler is not None and "scaler" in objects:
-            acc.scaler.load_state_dict(objects["scaler"])
-        guard.load_state_dict(meta["guard"])
-        if "disc_start" in meta:
-            criterion.disc_start.load_state_dict(meta["disc_start"])
-        step, epoch, batch_in_epoch = meta["step"], meta["data"]["epoch"], meta["data"]["batch"]
-        acc.print(f"resumed from {latest} at step {step}")
-    metrics.truncate_after(step)  # also drops the lines of a run that died before its first checkpoint
-    if acc.is_main_process:  # after the resume checks: a refused run leaves the run's config.yaml alone
-        save_config(cfg, out / "config.yaml")
-    if tc.tensorboard:
-        acc.init_trackers("train_autoencoder")
+    def step(batch, step: int):
+        x = batch["image"].to(device)
+        logs = train_step(acc, model, disc, raw_model, criterion, opt, opt_d, sched, sched_d, guard, x, step, tc)
+        if logs is not None and criterion.disc_start.started_at is None:  # the same decision on every process
+            rec = acc.reduce(torch.tensor(logs["rec"], device=device), "mean").item()
+            criterion.disc_start.update(step, rec)
+            if criterion.disc_start.started_at is not None:
+                acc.print(f"adversarial term on from step {criterion.disc_start.started_at}")
+        return logs if logs is None else {**logs, "samples": x.shape[0]}
 
-    def save_checkpoint():
-        objects = {"optimizer": opt.state_dict(), "optimizer_disc": opt_d.state_dict(),
-                   "scheduler": sched.state_dict(), "scheduler_disc": sched_d.state_dict()}
-        if acc.scaler is not None:
-            objects["scaler"] = acc.scaler.state_dict()
-        ckpt.save(step, tensors={"model": raw_model.state_dict(), "discriminator": raw_disc.state_dict(),
-                                 "ema": ema.state_dict()},
-                  objects=objects,
-                  meta={"data": {"epoch": epoch, "batch": batch_in_epoch}, "guard": guard.state_dict(),
-                        "disc_start": criterion.disc_start.state_dict(),
-                        "ema_updates": ema.num_updates, "model_config": cfg.model.to_dict()})
+    def validate(step: int):
+        result = validate_autoencoder(ema.averaged_model(raw_model).to(device), criterion.lpips, val_images,
+                                      val_clips, out / "validation", step=step, num_images=cfg.val.num_images,
+                                      max_clips=cfg.data.val_clips)
+        MetricsLog(out / "metrics.jsonl").write({"step": step, "split": "val", **result})
+        log.info("validation at step %d: %s", step, ", ".join(f"{k}={v:.4f}" for k, v in result.items()))
 
-    bar = tqdm(total=tc.max_steps, initial=step, disable=not acc.is_main_process, desc="vae")
-    t_last, samples_since = time.time(), 0
-    while step < tc.max_steps:
-        train_set.set_epoch(epoch)
-        sampler = EpochBatchSampler(len(train_set), tc.batch_size, seed=tc.seed, epoch=epoch,
-                                    rank=acc.process_index, world_size=acc.num_processes, skip=batch_in_epoch)
-        if len(sampler) == 0 and batch_in_epoch == 0:
-            raise ValueError(f"the training set has {len(train_set)} frames: fewer than one batch of "
-                             f"{tc.batch_size} per process; lower train.batch_size or add data")
-        loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=tc.num_workers,
-                                             worker_init_fn=_seed_worker(), pin_memory=False)
-        for batch in loader:
-            x = batch["image"].to(device)
-            batch_in_epoch += 1
-            logs = train_step(acc, model, disc, raw_model, criterion, opt, opt_d, sched, sched_d, guard, x, step, tc)
-            if logs is None:  # gradient accumulation micro-step
-                continue
-            ema.update(raw_model)
-            if criterion.disc_start.started_at is None:  # the same decision on every process
-                rec = acc.reduce(torch.tensor(logs["rec"], device=device), "mean").item()
-                criterion.disc_start.update(step, rec)
-                if criterion.disc_start.started_at is not None:
-                    acc.print(f"adversarial term on from step {criterion.disc_start.started_at}")
-            step += 1
-            samples_since += x.shape[0] * acc.num_processes
-            bar.update(1)
-            if step % tc.log_every == 0 or step == tc.max_steps:
-                now = time.time()
-                rec = {"step": step, "epoch": epoch, "lr": sched.get_last_lr()[0], **logs,
-                       "nonfinite_total": guard.total, "samples_per_s": samples_since / max(now - t_last, 1e-9)}
-                metrics.write(rec)
-                if tc.tensorboard:
-                    acc.log({k: v for k, v in rec.items() if isinstance(v, (int, float))}, step=step)
-                bar.set_postfix(loss=f"{logs['loss']:.4f}")
-                t_last, samples_since = now, 0
-            if cfg.val.every and step % cfg.val.every == 0 and step < tc.max_steps and acc.is_main_process:
-                _validate(cfg, ema, raw_model, criterion, val_images, val_clips, out, step, metrics, device)
-            if step % tc.checkpoint_every == 0 or step == tc.max_steps:
-                save_checkpoint()
-            if step >= tc.max_steps:
-                break
-        else:
-            epoch, batch_in_epoch = epoch + 1, 0
-    bar.close()
-    if acc.is_main_process:
-        _validate(cfg, ema, raw_model, criterion, val_images, val_clips, out, step, metrics, device)
-        export = ema.averaged_model(raw_model).cpu()
-        export.save_pretrained(out / "export")
-        acc.print(f"exported EMA weights to {out / 'export'}")
-    acc.wait_for_everyone()
-    acc.end_training()
+    task = Task(
+        name="autoencoder", model=raw_model, ema=ema, guard=guard, step=step,
+        batches=FrameBatches(train_set, tc.batch_size, seed=tc.seed, rank=acc.process_index,
+                             world_size=acc.num_processes, num_workers=tc.num_workers),
+        export=lambda: ema.averaged_model(raw_model).cpu().save_pretrained(out / "export"),
+        modules={"discriminator": raw_disc}, optimizers={"optimizer": opt, "optimizer_disc": opt_d},
+        schedulers={"scheduler": sched, "scheduler_disc": sched_d}, state={"disc_start": criterion.disc_start},
+        configs={"model_config": cfg.model.to_dict()}, periodic=[Periodic(cfg.val.every, validate, at_end=True)],
+    )  # fmt: skip
+    run_training(acc, task, cfg, out)
 
 
 def train_step(acc, model, disc, raw_model, criterion, opt, opt_d, sched, sched_d, guard, x, step, tc):
@@ -254,30 +188,6 @@ def train_step(acc, model, disc, raw_model, criterion, opt, opt_d, sched, sched_
         finish_step(acc, ok, opt, sched)
         finish_step(acc, ok, opt_d, sched_d)
     return {"loss": loss.item(), "grad_norm": norm, **logs, **logs_d, "skipped": int(not ok)}
-
-
-def _validate(cfg, ema, raw_model, criterion, val_images, val_clips, out, step, metrics, device):
-    model = ema.averaged_model(raw_model).to(device)
-    result = validate_autoencoder(model, criterion.lpips, val_images, val_clips, out / "validation",
-                                  step=step, num_images=cfg.val.num_images, max_clips=cfg.data.val_clips)
-    metrics.write({"step": step, "split": "val", **result})
-    log.info("validation at step %d: %s", step, ", ".join(f"{k}={v:.4f}" for k, v in result.items()))
-
-
-def _check_same_model(meta, cfg, path):
-    saved = meta.get("model_config")
-    if saved is not None and saved != cfg.model.to_dict():
-        diff = sorted(k for k in saved if saved.get(k) != cfg.model.to_dict().get(k))
-        raise CheckpointError(
-            f"{path} was written for a different model (model.{', model.'.join(diff)} differ); "
-            "use another --output-dir or the same model config"
-        )
-
-
-def _seed_worker():
-    from data.frames import seed_worker
-
-    return seed_worker
 
 
 if __name__ == "__main__":

@@ -16,8 +16,9 @@ import scripts.encode_latents as enc
 from autoencoder.config import VAEConfig
 from autoencoder.model import FrameVAE, weights_hash
 from autoencoder.video import encode_video
-from data.latents import make_latent_loader, un_whiten
+from data.latents import make_latent_loader
 from data.shards import load_manifest, verify_shards
+from data.stats import un_whiten
 from data.synthetic import make_synthetic_video
 from data.transforms import resize_and_crop, to_tensor
 from scripts import verify_shards as verify_cli

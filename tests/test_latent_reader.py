@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from data.latents import LatentShardDataset, make_latent_loader, un_whiten, worker_skips
-from data.shards import ShardError, ShardWriter, file_sha256, finalize, sample_key, sample_members
-from data.stats import RunningStats, load_stats
+from data.files import sha256_file
+from data.latents import LatentShardDataset, make_latent_loader, worker_skips
+from data.shards import ShardError, ShardWriter, finalize, sample_key, sample_members
+from data.stats import RunningStats, load_stats, un_whiten
 
 C, T, H, W = 4, 2, 2, 2
 LOGVAR = float(np.log(0.25))  # posterior std 0.5
@@ -127,7 +128,7 @@ def _rewrite(tmp_path, name, fn):
     m = json.loads((tmp_path / "manifest.json").read_text())
     for e in m["shards"]:
         if e["name"] == name:
-            e["bytes"], e["sha256"] = path.stat().st_size, file_sha256(path)
+            e["bytes"], e["sha256"] = path.stat().st_size, sha256_file(path)
     (tmp_path / "manifest.json").write_text(json.dumps(m))
 
 

@@ -13,10 +13,11 @@ from helpers import DIFF_TINY
 from autoencoder.config import VAEConfig
 from autoencoder.model import FrameVAE, weights_hash
 from autoencoder.video import decode_video, encode_video
+from data.stats import un_whiten
 from data.transforms import resize_and_crop, to_tensor
 from data.video_io import read_image, read_video, video_codec, video_info
 from scripts import decode_latents, sample, train_diffusion
-from scripts.runtime.generation import load_latent_file, un_whiten
+from scripts.runtime.generation import load_latent_file
 
 FAST = ["--steps", "2", "--sampler", "ddim"]
 

@@ -32,15 +32,33 @@ def _imports(path: Path) -> set[str]:
     return found
 
 
+LEAF = "data.files"  # the one module every library may import (file safety, stable hashing)
+
+
+def _project_imports(path: Path) -> set[str]:
+    """Top-level project packages that `path` imports, not counting the leaf module."""
+    mods = {m for m in _imports(path) if m != LEAF and not m.startswith(LEAF + ".")}
+    # `from data.files import x` also records "data" and "data.files.x": drop what came from the leaf only
+    if LEAF in _imports(path) and not any(m.startswith("data.") and not m.startswith(LEAF) for m in mods):
+        mods.discard("data")
+    return {m.split(".")[0] for m in mods}
+
+
 @pytest.mark.parametrize("lib", LIBS)
 def test_libraries_do_not_import_each_other_or_scripts(lib):
     forbidden = {"scripts", *LIBS} - {lib}
     bad = []
     for path in (ROOT / lib).rglob("*.py"):
-        hit = {m.split(".")[0] for m in _imports(path)} & forbidden
+        hit = _project_imports(path) & forbidden
         if hit:
             bad.append(f"{path.relative_to(ROOT)} imports {sorted(hit)}")
     assert not bad, bad
+
+
+def test_the_leaf_module_imports_no_project_code():
+    tree = ast.parse((ROOT / "data" / "files.py").read_text())
+    assert not [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level > 0]
+    assert not {m.split(".")[0] for m in _imports(ROOT / "data" / "files.py")} & {"scripts", *LIBS}
 
 
 def test_unet_is_network_only():
@@ -60,7 +78,14 @@ def test_import_checker_catches_a_violation(tmp_path):
     bad = tmp_path / "data" / "x.py"
     bad.parent.mkdir()
     bad.write_text("from autoencoder.model import FrameVAE\nimport diffusion.unet3d\n")
-    assert {"autoencoder", "diffusion"} <= {m.split(".")[0] for m in _imports(bad)}
+    assert {"autoencoder", "diffusion"} <= _project_imports(bad)
+    leaf_only = tmp_path / "autoencoder" / "y.py"
+    leaf_only.parent.mkdir()
+    leaf_only.write_text("from data.files import sha256_file\n")
+    assert _project_imports(leaf_only) == set()
+    leaf_and_more = tmp_path / "autoencoder" / "z.py"
+    leaf_and_more.write_text("from data.files import sha256_file\nfrom data.shards import load_manifest\n")
+    assert _project_imports(leaf_and_more) == {"data"}
 
 
 ENTRY_POINTS = sorted(

@@ -13,6 +13,7 @@ from helpers import DIFF_TINY, read_metrics, steps_of
 from safetensors.torch import load_file
 
 from autoencoder.model import weights_hash
+from data import latents as latents_module
 from data.synthetic import make_synthetic_video
 from diffusion.process import GaussianDiffusion
 from scripts import train_diffusion
@@ -151,13 +152,13 @@ def test_image_shards_feed_the_image_batches(pipeline, tmp_path, monkeypatch, se
     shards = tmp_path / "shards"
     assert encode_latents.main(["--autoencoder", str(pipeline.vae), "--data", str(data), "--output-dir", str(shards),
                                 "encode.size=32", "encode.clip_len=8", "encode.num_workers=0"]) == 0  # fmt: skip
-    kinds, real = [], train_diffusion.make_latent_loader
+    kinds, real = [], latents_module.make_latent_loader
 
     def spy(folder, *, kind, **kw):
         kinds.append(kind)
         return real(folder, kind=kind, **kw)
 
-    monkeypatch.setattr(train_diffusion, "make_latent_loader", spy)
+    monkeypatch.setattr(latents_module, "make_latent_loader", spy)
     assert train(shards, tmp_path / "run", "data.image_ratio=1.0", steps=1) == 0
     assert kinds == ["video", "image"] and shapes(seen_calls) == [(2, 4, 1, 8, 8), (2, 4, 8, 8, 8)]
 
@@ -193,8 +194,9 @@ def test_periodic_samples_report_quality_against_the_decoded_data(pipeline, tmp_
     # sample_quality's reference is the shards' first clips decoded by the same VAE
     from autoencoder.model import FrameVAE
     from data.latents import make_latent_loader
+    from data.stats import un_whiten
     from data.synthetic import video_quality
-    from scripts.runtime.generation import decode_to_uint8, un_whiten
+    from scripts.runtime.generation import decode_to_uint8
 
     loader = make_latent_loader(pipeline.shards, kind="video", batch_size=4, shuffle_buffer=0, use_mean=True)
     stats = json.loads((pipeline.shards / "stats.json").read_text())

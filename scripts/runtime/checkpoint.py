@@ -11,7 +11,6 @@ previous complete checkpoint when a folder is incomplete or a file was truncated
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -26,6 +25,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from data.files import fsync_dir, fsync_file, sha256_file
+
 log = logging.getLogger(__name__)
 MARKER = "COMPLETE"
 _STEP_RE = re.compile(r"^step-(\d{7,})$")
@@ -36,30 +37,6 @@ class CheckpointError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------- file helpers
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _save_tensors(state: dict[str, torch.Tensor], path: Path) -> None:
@@ -150,16 +127,16 @@ class CheckpointManager:
             _write_json(tmp / "trainer.json", {"step": step, **meta})
             files = sorted(p for p in tmp.iterdir() if p.is_file())
             for p in files:
-                _fsync_file(p)
+                fsync_file(p)
             entries = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in files}
             _maybe_fault("marker")
             _write_json(tmp / MARKER, {"step": step, "files": entries})
-            _fsync_file(tmp / MARKER)
-            _fsync_dir(tmp)
+            fsync_file(tmp / MARKER)
+            fsync_dir(tmp)
             if final.exists():  # a complete one for this step already exists: replace it
                 shutil.rmtree(final)
             tmp.rename(final)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
             self._rotate()
         self.barrier()
         return final

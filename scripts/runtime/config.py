@@ -12,6 +12,8 @@ from pathlib import Path
 
 import yaml
 
+from data.files import atomic_write
+
 
 class ConfigError(ValueError):
     """A config file or override is wrong: the message names the key and where it came from."""
@@ -188,11 +190,8 @@ def config_to_dict(cfg) -> dict:
 
 def save_config(cfg, path: str | Path) -> None:
     """Write the fully resolved config as YAML (atomically)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    tmp.replace(path)
+    with atomic_write(path) as tmp:
+        tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
 __all__ = [

@@ -17,6 +17,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from data.files import atomic_write
+from data.stats import load_stats, un_whiten
 from diffusion.guidance import extend_video, reconstruction_guided, replace_known
 from diffusion.sampling import classifier_free_guidance, sample
 from diffusion.schedules import make_alphas_cumprod
@@ -78,12 +80,9 @@ def generate(model, unet_cfg, diff_cfg, *, num: int, frames: int, latent_shape, 
 
 def save_latent_file(path: Path, latent: torch.Tensor, meta: dict) -> Path:
     """Atomically write one sample's whitened latent [C,T,h,w] with JSON metadata."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({"latent": latent.detach().cpu().float().contiguous()}, str(tmp), metadata={"lvd": json.dumps(meta)})
-    tmp.replace(path)
-    return path
+    with atomic_write(path) as tmp:
+        save_file({"latent": latent.detach().cpu().float().contiguous()}, str(tmp), metadata={"lvd": json.dumps(meta)})
+    return Path(path)
 
 
 def load_latent_file(path: Path) -> tuple[torch.Tensor, dict]:
@@ -96,16 +95,6 @@ def load_latent_file(path: Path) -> tuple[torch.Tensor, dict]:
     if latent.ndim != 4:
         raise ValueError(f"{path}: latent must be [C,T,h,w], got {tuple(latent.shape)}")
     return latent, meta
-
-
-def un_whiten(latent: torch.Tensor, stats: dict | None) -> torch.Tensor:
-    """x * std + mean per channel (dim 0 of [C,T,h,w], dim 1 of [N,C,T,h,w])."""
-    if not stats:
-        return latent
-    shape = [-1, 1, 1, 1] if latent.ndim == 4 else [1, -1, 1, 1, 1]
-    mean = torch.tensor(stats["mean"], dtype=latent.dtype).view(shape)
-    std = torch.tensor(stats["std"], dtype=latent.dtype).view(shape)
-    return latent * std + mean
 
 
 @torch.no_grad()
@@ -179,7 +168,7 @@ def _decoded_reference(shards: str, autoencoder: str, num: int, device: str) -> 
         reference.append(batch["latent"])
         if sum(len(r) for r in reference) >= num:
             break
-    stats = json.loads((Path(shards) / "stats.json").read_text())
+    stats = load_stats(shards)
     vae = FrameVAE.from_pretrained(autoencoder).to(device)
     return decode_to_uint8(vae, un_whiten(torch.cat(reference)[:num], stats), device=device)
 
@@ -192,3 +181,20 @@ def sample_quality(samples_u8, shards, autoencoder: str, *, num_reference: int =
 
     reference = _decoded_reference(str(shards), str(autoencoder), num_reference, str(device))
     return video_quality(list(samples_u8), list(reference))
+
+
+def periodic_samples(model, unet_cfg, diff_cfg, manifest: dict, shards, out_dir: Path, *, step: int, num: int,
+                     steps: int, sampler: str, guidance_scale: float, autoencoder: str | None, seed: int,
+                     fps: float | None, device) -> dict | None:
+    """Stage 2's periodic samples (`sample.every`): latents (and, with an autoencoder, videos) in
+    `out_dir` tagged with the step; with an autoencoder, also a `"split": "sample"` metrics row of
+    what a person would see: objects whole, in the data's colours, constant, moving like the data."""
+    _, frames = sample_and_save(model, unet_cfg, diff_cfg, latent_shape=manifest["latent_shape"],
+                                frames=manifest["clip_len"], class_names=list(manifest.get("labels") or []),
+                                stats=load_stats(shards).to_dict(), fps=fps or 8.0, out_dir=out_dir,
+                                tag=f"step{step:07d}", num=num, steps=steps, sampler=sampler,
+                                guidance_scale=guidance_scale, autoencoder=autoencoder, seed=seed,
+                                autoencoder_sha256=(manifest.get("autoencoder") or {}).get("weights_sha256"))
+    if frames is None:
+        return None
+    return {"step": step, "split": "sample", **sample_quality(frames, shards, autoencoder, device=device)}

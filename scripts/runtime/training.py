@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from data.files import atomic_write, seed_from
+
 log = logging.getLogger(__name__)
 
 
@@ -61,8 +63,7 @@ def step_seed(seed: int, step: int, rank: int, stream: str = "") -> int:
 
     Seeding every step this way makes a resumed run draw exactly the random numbers the
     uninterrupted run drew at the same step, whatever happened before."""
-    digest = hashlib.sha256(f"{seed}:{step}:{rank}:{stream}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+    return seed_from(seed, step, rank, stream)
 
 
 def seed_init(seed: int) -> None:
@@ -234,9 +235,8 @@ class MetricsLog:
                 continue  # a line cut by a crash
             if rec.get("step", 0) <= step:
                 keep.append(line)
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(k + "\n" for k in keep))
-        tmp.replace(self.path)
+        with atomic_write(self.path) as tmp:
+            tmp.write_text("".join(k + "\n" for k in keep))
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -251,24 +251,23 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-# ----------------------------------------------------------------------------- data order
+# ----------------------------------------------------------------------------- debug hooks
 
 
-class EpochBatchSampler(torch.utils.data.Sampler):
-    """Batches of dataset indices for one epoch on one process: a permutation that is a pure
-    function of (seed, epoch), cut into per-process slices (rank::world_size, remainder
-    dropped so every process takes the same number of steps), minus the first `skip` batches
-    already consumed before a resume. No decoding happens for skipped batches."""
+class DebugLogs:
+    """Debug hooks for the multi-process tests, off unless set in the environment: with
+    LVD_DEBUG_PARAM_HASH=1 every rank appends {step, sha256 of its parameters} after each optimizer
+    step to DIR/param-hash-rank{R}.jsonl; with LVD_DEBUG_SAMPLE_KEYS=1 the keys of every video
+    batch it trains on to DIR/sample-keys-rank{R}.jsonl. The loop drops lines after a resumed step."""
 
-    def __init__(self, n: int, batch_size: int, *, seed: int, epoch: int, rank: int = 0, world_size: int = 1, skip: int = 0):
-        g = torch.Generator().manual_seed(step_seed(seed, epoch, 0, "epoch-order"))
-        perm = torch.randperm(n, generator=g).tolist()
-        per_rank = (n // world_size) // batch_size * batch_size
-        mine = perm[rank::world_size][:per_rank]
-        self.batches = [mine[i : i + batch_size] for i in range(0, per_rank, batch_size)][skip:]
+    def __init__(self, out: Path, rank: int):
+        on = {env: os.environ.get(env, "") not in ("", "0") for env in ("LVD_DEBUG_PARAM_HASH", "LVD_DEBUG_SAMPLE_KEYS")}
+        self.hashes = MetricsLog(out / f"param-hash-rank{rank}.jsonl", enabled=on["LVD_DEBUG_PARAM_HASH"])
+        self.keys = MetricsLog(out / f"sample-keys-rank{rank}.jsonl", enabled=on["LVD_DEBUG_SAMPLE_KEYS"])
 
-    def __iter__(self):
-        return iter(self.batches)
 
-    def __len__(self) -> int:
-        return len(self.batches)
+def param_hash(model) -> str:
+    h = hashlib.sha256()
+    for p in model.parameters():
+        h.update(p.detach().cpu().numpy().tobytes())
+    return h.hexdigest()
