@@ -16,6 +16,7 @@ import scripts.encode_latents as enc
 from autoencoder.config import VAEConfig
 from autoencoder.model import FrameVAE, weights_hash
 from autoencoder.video import encode_video
+from data import encoding
 from data.latents import make_latent_loader
 from data.shards import load_manifest, verify_shards
 from data.stats import un_whiten
@@ -239,14 +240,14 @@ def test_awkward_inputs_are_encoded_or_listed(vae_dir, tmp_path, monkeypatch):
 
 
 def test_a_crashing_decoder_process_is_survived(vae_dir, tmp_path, monkeypatch):
-    real = enc.decode_input
+    real = encoding.decode_input
 
     def segfault_on_square(spec, cfg, sc):  # runs in the forked DataLoader worker
         if spec.relpath.startswith("square/000001"):
             os.kill(os.getpid(), signal.SIGSEGV)
         return real(spec, cfg, sc)
 
-    monkeypatch.setattr(enc, "decode_input", segfault_on_square)
+    monkeypatch.setattr(encoding, "decode_input", segfault_on_square)
     out = tmp_path / "shards"
     assert encode(vae_dir, "synthetic", out, *SYNTH, workers=2) == 0
     fails = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
@@ -268,14 +269,45 @@ def test_clear_errors(vae_dir, tmp_path, capsys):
 def test_the_crash_suspect_is_never_an_input_decoded_already(monkeypatch):
     """After a worker dies the suspect (the first input not yet received) is decoded alone and
     remembered; it must never be one already remembered, or the retry loop would not progress."""
-    monkeypatch.setattr(enc, "decode_input", lambda spec, cfg, sc: {"ok": True, "name": spec.relpath})
-    specs = [enc.InputSpec("video", name, None) for name in "abcde"]
-    known, progress = {"b": {"ok": True, "name": "b"}, "c": {"ok": True, "name": "c"}}, enc.Progress()
-    results = enc.decode_results(specs, None, None, 0, known, progress)
+    monkeypatch.setattr(encoding, "decode_input", lambda spec, cfg, sc: {"name": spec.relpath})
+    specs = [encoding.InputSpec("video", name, None) for name in "abcde"]
+    session = encoding.DecodeSession(None, None, 0, known={"b": {"name": "b"}, "c": {"name": "c"}})
     suspects = []
-    for result in results:
-        suspects.append((result["name"], progress.next and progress.next.relpath))
+    for result in session.results(specs):
+        suspects.append((result["name"], session.next and session.next.relpath))
     assert suspects == [("a", "d"), ("b", "d"), ("c", "d"), ("d", "e"), ("e", None)]
+
+
+def test_a_crash_is_told_by_the_exit_code_not_the_message(monkeypatch):
+    """A worker killed by a signal is a WorkerCrash; a RuntimeError raised by a decoder in the main
+    process (no workers) that merely mentions "DataLoader worker" is not."""
+
+    def crash(spec, cfg, sc):
+        if spec.relpath == "b":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return {"name": spec.relpath}
+
+    monkeypatch.setattr(encoding, "decode_input", crash)
+    specs = [encoding.InputSpec("video", name, None) for name in "abc"]
+    session, crashes = encoding.DecodeSession(None, None, 1), 0
+    while True:  # the retry loop of scripts.encode_latents
+        try:
+            results = list(session.results(specs))
+            break
+        except RuntimeError:
+            assert session.dead_worker == -signal.SIGKILL
+            crashes += 1
+            session.recover()  # the first input not received: b, or a when the crash beat it
+    assert 1 <= crashes <= 2 and [r["name"] for r in (results[0], results[2])] == ["a", "c"]
+    assert isinstance(results[1], encoding.Failure) and "crashed" in results[1].reason
+
+    def liar(spec, cfg, sc):
+        raise RuntimeError("DataLoader worker (pid 1) is killed by signal")
+
+    monkeypatch.setattr(encoding.InputDecoder, "__getitem__", lambda self, i: liar(None, None, None))
+    with pytest.raises(RuntimeError) as info:
+        list(encoding.DecodeSession(None, None, 0).results(specs))
+    assert not isinstance(info.value, encoding.WorkerCrash)
 
 
 @pytest.mark.slow
