@@ -3,6 +3,9 @@ diffusers models of matched width; prints one JSON object per line per figure.
 
 Each measurement runs in a fresh subprocess (`--worker SPEC`) so that its peak memory is its own. FLOPs
 come from torch.utils.flop_counter during the warm-up call; GFLOP/s = FLOPs / median timed call.
+This file is the timing program (plan, spawn, report, one worker per bench); how a call is timed is
+in scripts/runtime/measure.py, the diffusers reference models in scripts/runtime/reference.py, and
+the sample-quality evaluation (--only sampler_quality) in scripts/runtime/evaluation.py.
 
     python -m scripts.benchmark                        # default run: < 10 min on 2 CPU cores
     python -m scripts.benchmark --quick --repeats 1    # tiny shapes (what the test runs)
@@ -23,8 +26,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
 from pathlib import Path
+
+from scripts.runtime.evaluation import sampler_quality
+from scripts.runtime.measure import MEM_METHOD, PeakMemory, measure, setup
+from scripts.runtime.reference import build_unet, build_vae, model_section
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCHES = ("vae", "encode", "reader", "unet", "sampling", "sampler_quality", "quality")
@@ -32,153 +38,10 @@ DEFAULT_BENCHES = BENCHES[:5]  # sampler_quality needs a trained demo (make demo
 # quality (scripts.quality) trains the whole pipeline end to end: ~40 CPU minutes
 SAMPLER_QUALITY_RUNS = [("training", 0), ("ddpm", 250), ("dpmpp_2m", 5), ("dpmpp_2m", 10), ("dpmpp_2m", 15),
                         ("dpmpp_2m", 25), ("dpmpp_2m", 50), ("ddim", 50)]
-MEM_METHOD = {
-    "cpu": "RSS sampled every 0.5 ms over warm-up + timed calls, minus RSS once model and inputs exist (after malloc_trim)",
-    "cuda": "torch.cuda.max_memory_allocated over warm-up + timed calls minus memory allocated once model and inputs exist",
-}
 # default repeats per bench (timed calls after one warm-up call); --repeats overrides all of them
 REPEATS = {"vae": 3, "encode": 2, "reader": 3, "unet": 1, "sampling": 1, "sampler_quality": 1}
 
 # ----------------------------------------------------------------------------- worker side (one measurement)
-
-
-def _model_section(kind: str, name: str) -> dict:
-    import yaml
-
-    section = yaml.safe_load((ROOT / "configs" / kind / f"{name}.yaml").read_text())["model"]
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in section.items()}
-
-
-def _setup(spec: dict):
-    """(device, autocast context factory, sync) for the spec's --device / --dtype."""
-    import torch
-
-    device = torch.device(spec["device"])
-    if spec.get("threads"):
-        torch.set_num_threads(spec["threads"])
-    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec["dtype"])
-
-    def autocast():
-        return torch.autocast(device.type, dtype=low) if low is not None else nullcontext()
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    return device, autocast, sync
-
-
-class PeakMemory:
-    """Working-memory peak of this process since `start()`, in MiB (see MEM_METHOD).
-
-    On CPU a thread samples the resident set size (/proc/self/statm) every 0.5 ms; freed heap is
-    handed back to the OS first (malloc_trim) so that growth is visible rather than served from pages
-    an earlier phase left resident. Short-lived spikes between two samples can be missed."""
-
-    def __init__(self, device):
-        self.cuda = device.type == "cuda"
-        self._peak, self._stop, self._thread = 0, None, None
-
-    @staticmethod
-    def _rss_mb() -> float:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.0005):
-            self._peak = max(self._peak, self._rss_mb())
-
-    def start(self) -> None:
-        import gc
-        import threading
-
-        import torch
-
-        if self.cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated() / 2**20
-            return
-        gc.collect()
-        try:
-            import ctypes
-
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):  # not glibc: growth may be partly hidden
-            pass
-        self.base = self._peak = self._rss_mb()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-
-    def peak_mb(self) -> float:
-        import torch
-
-        if self.cuda:
-            return max(torch.cuda.max_memory_allocated() / 2**20 - self.base, 0.0)
-        self._stop.set()
-        self._thread.join()
-        self._peak = max(self._peak, self._rss_mb())
-        return max(self._peak - self.base, 0.0)
-
-
-def _warm_runtime(device) -> None:
-    """Load the flop counter and the kernels' libraries first, so their one-off memory is not counted."""
-    import torch
-    import torch.nn.functional as F
-    from torch.utils.flop_counter import FlopCounterMode
-
-    x = torch.randn(1, 8, 8, 8, device=device, requires_grad=True)
-    with FlopCounterMode(display=False):
-        y = F.conv2d(F.group_norm(x, 4), torch.randn(8, 8, 3, 3, device=device), padding=1).flatten(2)
-        F.scaled_dot_product_attention(y[:, None], y[:, None], y[:, None]).sum().backward()
-
-
-def _measure(spec: dict, call, device, sync, count_flops: bool = True, warmup: bool = True) -> dict:
-    """Warm-up call (FLOPs counted there), then `repeats` timed calls: median ms, GFLOP, peak memory.
-    warmup=False (no FLOPs) when the caller has warmed the kernels up itself."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    _warm_runtime(device)
-    mem = PeakMemory(device)
-    mem.start()
-    counter = FlopCounterMode(display=False) if count_flops else nullcontext()
-    if warmup:
-        with counter:
-            call()
-    times = []
-    for _ in range(spec["repeats"]):
-        sync()
-        start = time.perf_counter()
-        call()
-        sync()
-        times.append(time.perf_counter() - start)
-    ms = 1e3 * statistics.median(times)
-    out = {"ms": ms, "times_ms": [round(1e3 * t, 2) for t in times], "peak_mem_mb": mem.peak_mb()}
-    if count_flops:
-        out["gflops"] = counter.get_total_flops() / 1e9
-        out["gflop_per_s"] = out["gflops"] / (ms / 1e3)
-    return out
-
-
-def _build_vae(impl: str, config: str):
-    if impl == "ours":
-        from autoencoder.config import VAEConfig
-        from autoencoder.model import FrameVAE
-
-        vae = FrameVAE(VAEConfig(**_model_section("autoencoder", config)))
-        return vae, (lambda x: vae.encode(x).mode()), vae.decode, vae.downsample_factor
-    from diffusers import AutoencoderKL
-
-    c = _model_section("autoencoder", config)
-    levels = len(c["channel_mult"])
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * levels,
-        up_block_types=("UpDecoderBlock2D",) * levels, layers_per_block=c["num_res_blocks"],
-        block_out_channels=tuple(c["base_channels"] * m for m in c["channel_mult"]), latent_channels=4,
-        norm_num_groups=c["norm_groups"], mid_block_add_attention=c.get("mid_attention", True),
-    )  # fmt: skip
-    return vae, (lambda x: vae.encode(x).latent_dist.mode()), (lambda z: vae.decode(z).sample), 2 ** (levels - 1)
 
 
 def run_vae(spec: dict) -> dict:
@@ -186,8 +49,8 @@ def run_vae(spec: dict) -> dict:
     video [1, 3, T, hw, hw] through autoencoder.video.encode_video in chunks of `chunk` frames."""
     import torch
 
-    device, autocast, sync = _setup(spec)
-    vae, encode, decode, f = _build_vae(spec["impl"], spec["config"])
+    device, autocast, sync = setup(spec)
+    vae, encode, decode, f = build_vae(spec["impl"], spec["config"])
     vae.to(device).eval()
     n, hw = spec["N"], spec["hw"]
     if spec["op"] == "encode_video":
@@ -199,7 +62,7 @@ def run_vae(spec: dict) -> dict:
             with torch.no_grad(), autocast():
                 return encode_video(vae, video, chunk_size=spec["chunk"])
 
-        out = _measure(spec, call_video, device, sync)
+        out = measure(spec, call_video, device, sync)
         return {**out, "frames_per_s": spec["T"] / (out["ms"] / 1e3)}
     x = torch.randn(n, 3, hw, hw, device=device).clamp(-1, 1)
     z = torch.randn(n, 4, hw // f, hw // f, device=device)
@@ -208,49 +71,15 @@ def run_vae(spec: dict) -> dict:
         with torch.no_grad(), autocast():
             return encode(x) if spec["op"] == "encode" else decode(z)
 
-    out = _measure(spec, call, device, sync)
+    out = measure(spec, call, device, sync)
     return {**out, "frames_per_s": n / (out["ms"] / 1e3)}
-
-
-def _build_unet(impl: str, config: str, gc: bool):
-    """(module, call(x, t) -> output) for our UNet3D or diffusers' UNet3DConditionModel at matched width."""
-    import torch
-
-    c = _model_section("diffusion", config)
-    if impl == "ours":
-        from diffusion.config import UNetConfig
-        from diffusion.unet3d import UNet3D
-
-        net = UNet3D(UNetConfig(**{**c, "in_channels": 4, "gradient_checkpointing": gc}))
-        return net, lambda x, t: net(x, t)
-    from diffusers import UNet3DConditionModel
-
-    levels, ctx_dim = len(c["channel_mult"]), 64
-    net = UNet3DConditionModel(
-        sample_size=32, in_channels=4, out_channels=4, layers_per_block=c["num_res_blocks"],
-        block_out_channels=tuple(c["base_channels"] * m for m in c["channel_mult"]),
-        down_block_types=("CrossAttnDownBlock3D",) * (levels - 1) + ("DownBlock3D",),
-        up_block_types=("UpBlock3D",) + ("CrossAttnUpBlock3D",) * (levels - 1),
-        norm_num_groups=c["norm_groups"], cross_attention_dim=ctx_dim,
-        attention_head_dim=8,  # diffusers' naming quirk: this is the number of heads (8 x 32 at 256 ch)
-    )  # fmt: skip
-    if gc:
-        net.enable_gradient_checkpointing()
-    context = {}
-
-    def call(x, t):
-        if "e" not in context:
-            context["e"] = torch.randn(x.shape[0], 1, ctx_dim, device=x.device)
-        return net(x, t, encoder_hidden_states=context["e"]).sample
-
-    return net, call
 
 
 def _train_step(spec: dict, device, autocast):
     """A closure doing forward + MSE + backward + AdamW step, like one stage-2 training step."""
     import torch
 
-    net, call = _build_unet(spec["impl"], spec["config"], spec.get("gc", False))
+    net, call = build_unet(spec["impl"], spec["config"], spec.get("gc", False))
     net.to(device).train()
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
     gen = torch.Generator().manual_seed(0)
@@ -270,9 +99,9 @@ def _train_step(spec: dict, device, autocast):
 
 
 def run_unet(spec: dict) -> dict:
-    device, autocast, sync = _setup(spec)
+    device, autocast, sync = setup(spec)
     net, step = _train_step(spec, device, autocast)
-    out = _measure(spec, step, device, sync)
+    out = measure(spec, step, device, sync)
     params = sum(p.numel() for p in net.parameters())
     return {**out, "ms_per_frame": out["ms"] / (spec["B"] * spec["T"]), "params_m": params / 1e6}
 
@@ -302,14 +131,14 @@ def run_reader(spec: dict) -> dict:
     """Reader samples/s (one epoch, num_workers=0) vs samples/s one training step consumes."""
     from data.latents import make_latent_loader
 
-    device, autocast, sync = _setup(spec)
+    device, autocast, sync = setup(spec)
     with tempfile.TemporaryDirectory() as tmp:
         _write_shards(Path(tmp), spec["samples"], (4, spec["T"], spec["hw"], spec["hw"]))
         loader = make_latent_loader(tmp, kind="video", batch_size=spec["B"], shuffle_buffer=spec["B"] * 8)
-        reader = _measure(spec, lambda: sum(len(b["key"]) for b in loader), device, sync, count_flops=False)
+        reader = measure(spec, lambda: sum(len(b["key"]) for b in loader), device, sync, count_flops=False)
     reader_sps = spec["samples"] / (reader["ms"] / 1e3)
     _, step = _train_step({**spec, "impl": "ours"}, device, autocast)
-    train = _measure(spec, step, device, sync, count_flops=False)
+    train = measure(spec, step, device, sync, count_flops=False)
     consumed = spec["B"] / (train["ms"] / 1e3)
     return {"reader_samples_per_s": reader_sps, "train_step_ms": train["ms"], "train_samples_per_s": consumed,
             "reader_headroom": reader_sps / consumed, "peak_mem_mb": max(reader["peak_mem_mb"], train["peak_mem_mb"])}  # fmt: skip
@@ -326,13 +155,13 @@ def run_encode(spec: dict) -> dict:
     from data.shards import load_manifest
     from scripts import encode_latents, make_synthetic
 
-    device, _, _ = _setup(spec)
+    device, _, _ = setup(spec)
     with tempfile.TemporaryDirectory() as tmp:
         data, vae_dir, out = Path(tmp) / "data", Path(tmp) / "vae", Path(tmp) / "shards"
         with contextlib.redirect_stdout(sys.stderr):
             make_synthetic.main(["--output-dir", str(data), "--num-videos", str(spec["videos"]), "--frames",
                                  str(spec["frames"]), "--size", str(spec["size"])])  # fmt: skip
-        FrameVAE(VAEConfig(**_model_section("autoencoder", spec["config"]))).save_pretrained(vae_dir)
+        FrameVAE(VAEConfig(**model_section("autoencoder", spec["config"]))).save_pretrained(vae_dir)
         cfg = yaml.safe_load((ROOT / "configs" / "encode" / "demo.yaml").read_text())["encode"]
         settings = {**cfg, "size": spec["encode_size"], "clip_len": spec["clip_len"], "num_workers": spec["workers"]}
         argv = ["--autoencoder", str(vae_dir), "--data", str(data), *[f"encode.{k}={v}" for k, v in settings.items()]]
@@ -358,8 +187,8 @@ def run_sampling(spec: dict) -> dict:
     from diffusion.sampling import sample
     from diffusion.schedules import make_alphas_cumprod
 
-    device, autocast, sync = _setup(spec)
-    net, call = _build_unet("ours", spec["config"], False)
+    device, autocast, sync = setup(spec)
+    net, call = build_unet("ours", spec["config"], False)
     net.to(device).eval()
     calls = []
 
@@ -375,87 +204,13 @@ def run_sampling(spec: dict) -> dict:
         model(torch.randn(shape, device=device), torch.zeros(1, device=device))  # warm-up
     calls.clear()
     # the single call above warmed the kernels up: every full sample is timed
-    out = _measure(spec, lambda: sample(model, shape, **kwargs), device, sync, count_flops=False, warmup=False)
+    out = measure(spec, lambda: sample(model, shape, **kwargs), device, sync, count_flops=False, warmup=False)
     nfe = len(calls) // spec["repeats"]
     return {**out, "s_per_video": out["ms"] / 1e3, "nfe": nfe, "ms_per_nfe": out["ms"] / max(nfe, 1)}
 
 
-def frechet_distance(a, b) -> float:
-    """Fréchet distance between Gaussian fits of two feature sets [N, D] (float64)."""
-    import torch
-
-    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
-    vals, vecs = torch.linalg.eigh(cov_a)
-    root_a = vecs @ torch.diag(vals.clamp_min(0).sqrt()) @ vecs.T
-    cross = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp_min(0).sqrt().sum()
-    return float((mu_a - mu_b).pow(2).sum() + cov_a.trace() + cov_b.trace() - 2 * cross)
-
-
-def _clip_features(latents):
-    """Whitened latents [N, C, T, h, w] -> [N, C*T*4] features: each frame's latent average-pooled
-    to 2x2, so the features keep the object's coarse position in every frame (its motion)."""
-    import torch.nn.functional as F
-
-    n, c, t, h, w = latents.shape
-    pooled = F.adaptive_avg_pool2d(latents.float().permute(0, 2, 1, 3, 4).reshape(n * t, c, h, w), 2)
-    return pooled.reshape(n, -1)
-
-
-JUMP_PX = 4.0  # a frame-to-frame move of the object's centre this large (32x32 frames) counts as a jump
-
-
-def run_sampler_quality(spec: dict) -> dict:
-    """One sampler/step count on a trained demo model: latent Fréchet distance of `N` samples to `N`
-    training clips and to the DDPM-250 samples (cached by the parent); and, tracking the decoded
-    object's centre, its path smoothness (data.synthetic.path_smoothness), mean speed in pixels per
-    frame and the share of frame-to-frame moves over JUMP_PX (the "training" row is the target)."""
-    import torch
-
-    from autoencoder.model import FrameVAE
-    from data.latents import make_latent_loader
-    from data.stats import un_whiten
-    from data.synthetic import motion_summary
-    from scripts.runtime.export import load_diffusion_export
-    from scripts.runtime.generation import decode_to_uint8, generate
-
-    device, _, sync = _setup(spec)
-    demo = Path(spec["demo_dir"])
-    model, meta = load_diffusion_export(demo / "diffusion" / "export", map_location=device)
-    lat, n = meta["latent"], spec["N"]
-    labels = [i % len(meta["class_names"]) for i in range(n)] if meta["unet_config"].num_classes else None
-    train = []
-    for batch in make_latent_loader(demo / "shards", kind="video", batch_size=n, use_mean=True, shuffle_buffer=0):
-        train.append(batch["latent"])
-    train = torch.cat(train)[torch.randperm(sum(len(b) for b in train), generator=torch.Generator().manual_seed(0))]
-    if len(train) < 2 * n:
-        raise SystemExit(f"{demo / 'shards'} has {len(train)} clips; the comparison needs 2 x N = {2 * n}")
-    start = time.perf_counter()
-    if spec["sampler"] == "training":  # the noise floor: N other training clips in place of samples
-        out = train[n : 2 * n]
-    else:
-        out = generate(model, meta["unet_config"], meta["diffusion_config"], num=n, frames=lat["clip_len"],
-                       latent_shape=lat["shape"], labels=labels, guidance_scale=spec["guidance_scale"],
-                       sampler=spec["sampler"], steps=spec["steps"], seed=spec["seed"], batch_size=n, device=device)
-    sync()
-    seconds = time.perf_counter() - start
-    feats = _clip_features(out)
-    result = {"fd_to_training": frechet_distance(feats, _clip_features(train[:n])), "s_per_video": seconds / n}
-    cache = Path(spec["cache"])
-    if spec["sampler"] == "ddpm" and spec["steps"] == 250:
-        torch.save(out, cache)
-    elif cache.exists():
-        result["fd_to_ddpm250"] = frechet_distance(feats, _clip_features(torch.load(cache, weights_only=True)))
-    vae = FrameVAE.from_pretrained(demo / "vae" / "export").to(device).eval()
-    frames = decode_to_uint8(vae, un_whiten(out, lat["stats"]), device=device)
-    motion = motion_summary(frames, jump_px=JUMP_PX)  # videos with the object found in every frame
-    result["tracked_videos"] = motion.pop("videos")
-    return {**result, **motion}
-
-
 WORKERS = {"vae": run_vae, "unet": run_unet, "reader": run_reader, "encode": run_encode, "sampling": run_sampling,
-           "sampler_quality": run_sampler_quality}
+           "sampler_quality": sampler_quality}
 
 # ----------------------------------------------------------------------------- parent side (plan, spawn, report)
 

@@ -6,6 +6,8 @@ import math
 import sys
 
 from scripts import benchmark
+from scripts.runtime.evaluation import frechet_distance
+from scripts.runtime.reference import model_section, unet_block_types
 
 EXPECTED = {
     "vae_encode": ("ms", "frames_per_s", "gflops", "gflop_per_s", "peak_mem_mb"),
@@ -48,11 +50,11 @@ def test_frechet_distance_known_values():
     import torch
 
     x = torch.randn(4000, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    assert abs(benchmark.frechet_distance(x, x)) < 1e-6
+    assert abs(frechet_distance(x, x)) < 1e-6
     # same covariance, mean shifted by (1, 2, 2): distance = |shift|^2 = 9
-    assert abs(benchmark.frechet_distance(x, x + torch.tensor([1.0, 2.0, 2.0], dtype=torch.float64)) - 9.0) < 1e-6
+    assert abs(frechet_distance(x, x + torch.tensor([1.0, 2.0, 2.0], dtype=torch.float64)) - 9.0) < 1e-6
     # N(0, I) vs N(0, 4I) in 3-D: 3 * (1 + 4 - 2 * 2) = 3, up to sampling error
-    assert abs(benchmark.frechet_distance(x, 2 * torch.randn(4000, 3, dtype=torch.float64)) - 3.0) < 0.4
+    assert abs(frechet_distance(x, 2 * torch.randn(4000, 3, dtype=torch.float64)) - 3.0) < 0.4
 
 
 def test_sampler_quality_on_a_trained_model(pipeline, tmp_path, capsys):
@@ -120,3 +122,16 @@ def test_make_synthetic_radius(tmp_path):
         areas[name] = [track_object(read_video(p)[0])["area"].mean() for p in sorted((tmp_path / name).rglob("*.mp4"))]
     for small, large in zip(areas["small"], areas["large"]):
         assert 2.5 < large / small < 5  # area grows with the radius squared (4x), anti-aliased edges aside
+
+
+def test_the_reference_unet_attends_at_our_levels():
+    """The diffusers U-Net of the benchmark has attention blocks at exactly our attention levels, for
+    every config the benchmark times (so the time ratio compares like with like)."""
+    for name in ("tiny", "demo", "base"):
+        c = model_section("diffusion", name)
+        levels = len(c["channel_mult"])
+        down, up = unet_block_types(levels, c["attention_levels"])
+        assert {i for i, b in enumerate(down) if b.startswith("CrossAttn")} == set(c["attention_levels"])
+        assert {levels - 1 - i for i, b in enumerate(up) if b.startswith("CrossAttn")} == set(c["attention_levels"])
+    assert unet_block_types(4, (2, 3)) == (("DownBlock3D", "DownBlock3D", "CrossAttnDownBlock3D", "CrossAttnDownBlock3D"),
+                                           ("CrossAttnUpBlock3D", "CrossAttnUpBlock3D", "UpBlock3D", "UpBlock3D"))
