@@ -354,7 +354,8 @@ def write_png_frames(folder, frames: np.ndarray) -> list[Path]:
 
 
 def make_grid(images: np.ndarray, nrow: int = 8, pad: int = 2, pad_value: int = 0) -> np.ndarray:
-    """Tile uint8 [N,H,W,3] into one image with `nrow` images per row (torchvision's convention)."""
+    """Tile uint8 [N,H,W,3] into one image with `nrow` images per row (torchvision's convention;
+    kept rather than torchvision.utils.make_grid, which takes float [N,C,H,W] tensors)."""
     images = _check_frames(images)
     n, h, w, _ = images.shape
     ncol = max(1, min(nrow, n))

@@ -22,7 +22,7 @@ from autoencoder.model import FrameVAE
 from data.errors import BadInputError
 from data.frames import FrameBatches
 from scripts.runtime.checkpoint import CheckpointError
-from scripts.runtime.cli import build_parser, resolve_config, run_main
+from scripts.runtime.cli import parse_training_args, resolve_config, run_logged_main
 from scripts.runtime.config import ConfigError, TrainConfig
 from scripts.runtime.loop import Periodic, Task, run_training
 from scripts.runtime.training import (
@@ -65,10 +65,12 @@ class AEValConfig:
 
 @dataclass
 class AutoencoderRunConfig:
-    model: VAEConfig = field(default_factory=VAEConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
+    """The sections of a stage-1 config file (configs/autoencoder/*.yaml)."""
+
+    model: VAEConfig = field(default_factory=VAEConfig)  # architecture (autoencoder/config.py)
+    loss: LossConfig = field(default_factory=LossConfig)  # the four terms and the GAN's start
     data: AEDataConfig = field(default_factory=AEDataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)  # shared by both trainers
     val: AEValConfig = field(default_factory=AEValConfig)
 
 
@@ -95,18 +97,10 @@ def build_datasets(cfg: AutoencoderRunConfig):
     return train, val_images, val_clips
 
 
-def parse_args(argv):
-    p = build_parser(__doc__.split("\n")[0], prog="python -m scripts.train_autoencoder", training=True)
-    p.add_argument("--data", default=None, help="folder of videos/images, or 'synthetic' (sets data.source)")
-    args = p.parse_args(argv)
-    if args.data is not None:
-        args.overrides.insert(0, f"data.source={args.data}")
-    return args
-
-
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    return run_main(lambda: train(parse_args(argv)), (BadInputError, CheckpointError, TrainingStopped, ValueError))
+    args = parse_training_args(argv, __doc__.split("\n")[0], "python -m scripts.train_autoencoder", "--data",
+                                "data.source", "folder of videos/images, or 'synthetic' (sets data.source)")
+    return run_logged_main(lambda: train(args), (BadInputError, CheckpointError, TrainingStopped, ValueError))
 
 
 def train(args) -> None:

@@ -26,7 +26,7 @@ from diffusion.process import GaussianDiffusion
 from diffusion.unet3d import UNet3D
 from scripts.runtime import training as rt
 from scripts.runtime.checkpoint import CheckpointError
-from scripts.runtime.cli import build_parser, resolve_config, run_main
+from scripts.runtime.cli import parse_training_args, resolve_config, run_logged_main
 from scripts.runtime.config import ConfigError, TrainConfig
 from scripts.runtime.export import save_diffusion_export
 from scripts.runtime.generation import periodic_samples
@@ -63,6 +63,9 @@ class SampleEveryConfig:
 
 @dataclass
 class DiffusionRunConfig:
+    """The sections of a stage-2 config file (configs/diffusion/*.yaml); the shards decide
+    model.in_channels and model.num_classes (`resolve_model_config`)."""
+
     model: UNetConfig = field(default_factory=UNetConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     data: DiffDataConfig = field(default_factory=DiffDataConfig)
@@ -71,19 +74,11 @@ class DiffusionRunConfig:
     sample: SampleEveryConfig = field(default_factory=SampleEveryConfig)
 
 
-def parse_args(argv):
-    p = build_parser(__doc__.split("\n")[0], prog="python -m scripts.train_diffusion", training=True)
-    p.add_argument("--shards", default=None, help="folder written by encode_latents (sets data.shards)")
-    args = p.parse_args(argv)
-    if args.shards is not None:
-        args.overrides.insert(0, f"data.shards={args.shards}")
-    return args
-
-
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    args = parse_training_args(argv, __doc__.split("\n")[0], "python -m scripts.train_diffusion", "--shards",
+                                "data.shards", "folder written by encode_latents (sets data.shards)")
     errors = (BadInputError, ShardError, CheckpointError, rt.TrainingStopped, ValueError)
-    return run_main(lambda: train(parse_args(argv)), errors)
+    return run_logged_main(lambda: train(args), errors)
 
 
 def resolve_model_config(cfg: DiffusionRunConfig, manifest: dict) -> DiffusionRunConfig:

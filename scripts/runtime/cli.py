@@ -4,6 +4,7 @@ trailing `section.key=value` overrides, `--output-dir DIR`, resolved config in D
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -26,6 +27,18 @@ def build_parser(description: str, *, prog: str | None = None, training: bool = 
     return p
 
 
+def parse_training_args(argv, description: str, prog: str, flag: str, key: str, help: str) -> argparse.Namespace:
+    """A trainer's arguments: the common flags plus one naming its input (`--data`, `--shards`),
+    which becomes the first override of `key` so that later overrides win."""
+    p = build_parser(description, prog=prog, training=True)
+    p.add_argument(flag, default=None, help=help)
+    args = p.parse_args(argv)
+    value = getattr(args, flag.lstrip("-").replace("-", "_"))
+    if value is not None:
+        args.overrides.insert(0, f"{key}={value}")
+    return args
+
+
 def resolve_config(cls, args: argparse.Namespace, *, write: bool = True):
     """Load the config named by `args`, apply overrides (and --max-steps), write DIR/config.yaml."""
     overrides = list(args.overrides)
@@ -35,6 +48,12 @@ def resolve_config(cls, args: argparse.Namespace, *, write: bool = True):
     if write:
         save_config(cfg, Path(args.output_dir) / "config.yaml")
     return cfg
+
+
+def run_logged_main(body, user_errors: tuple = ()) -> int:
+    """`run_main` with INFO logging to stderr (the trainers)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    return run_main(body, user_errors)
 
 
 def run_main(body, user_errors: tuple = ()) -> int:

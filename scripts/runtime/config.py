@@ -1,4 +1,4 @@
-"""Typed config loading for every entry point: YAML file -> nested dataclasses, with
+"""Typed config loading for every entry point (kept rather than OmegaConf: docs/design.md): YAML -> nested dataclasses, with
 `section.key=value` overrides, strict keys (an unknown key is an error naming key and file),
 type conversion and checking, and a resolved-config dump."""
 

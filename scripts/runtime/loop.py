@@ -1,4 +1,4 @@
-"""The one training loop of both trainers (docs/design.md, "Training"): resume, the step loop,
+"""The one training loop of both trainers (docs/design.md, "Hand-written on purpose"): resume, the step loop,
 logging cadence, periodic jobs, atomic checkpoints, the end-of-run export.
 
 A trainer builds a `Task` (its modules, optimizers and schedulers by name, its `step`, a resumable
