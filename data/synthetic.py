@@ -11,6 +11,7 @@ import torch
 
 from .colour import background_colour, delta_e, srgb_to_lab
 from .errors import BadInputError
+from .files import atomic_write
 from .transforms import to_tensor
 from .video_io import video_info, write_video
 
@@ -57,6 +58,42 @@ DEFAULT_RADIUS = (0.14, 0.2)  # circumradius as a fraction of the frame size (mi
 SMALL_RADIUS = (0.08, 0.12)  # "small objects": the quality benchmark's data
 
 
+COLOUR_NAMES = ["red", "green", "blue", "yellow", "cyan", "magenta", "white"]  # PALETTE's, in order
+# compass directions in image coordinates (y down), counter-clockwise from +x in 45-degree steps
+DIRECTIONS = ["to the right", "to the upper right", "up", "to the upper left",
+              "to the left", "to the lower left", "down", "to the lower right"]
+
+
+def direction_index(dx: float, dy: float) -> int:
+    """The nearest of the 8 DIRECTIONS to a displacement (dx, dy) in image coordinates (y down)."""
+    return int(np.round(np.arctan2(-dy, dx) / (np.pi / 4))) % 8
+
+
+def _params(index: int, seed: int, size: int, radius: tuple[float, float]) -> dict:
+    rng = np.random.default_rng([seed, index])
+    r = size * rng.uniform(*radius)
+    colour = int(rng.integers(len(PALETTE)))
+    lo, hi = r + 1.0, size - 2.0 - r
+    start = rng.uniform(lo, hi, size=2)
+    angle = rng.uniform(0, 2 * np.pi)
+    velocity = size * rng.uniform(0.03, 0.06) * np.array([np.cos(angle), np.sin(angle)])
+    return {"label": index % len(SYNTHETIC_CLASSES), "radius": r, "colour": colour, "lo": lo, "hi": hi,
+            "start": start, "velocity": velocity}
+
+
+def caption_text(colour: int, shape: int, direction: int) -> str:
+    """"a red circle moves to the upper left": COLOUR_NAMES, SYNTHETIC_CLASSES, DIRECTIONS indices."""
+    return f"a {COLOUR_NAMES[colour]} {SYNTHETIC_CLASSES[shape]} moves {DIRECTIONS[direction]}"
+
+
+def synthetic_caption(index: int, *, size: int = 64, seed: int = 0, radius: tuple[float, float] = DEFAULT_RADIUS) -> str:
+    """What video `index` shows: its colour, shape and the direction of its first move (8 compass
+    directions; the object keeps it until it bounces off a border)."""
+    p = _params(index, seed, size, radius)
+    first = _bounce(p["start"] + p["velocity"] * np.arange(2)[:, None], p["lo"], p["hi"])
+    return caption_text(p["colour"], p["label"], direction_index(*(first[1] - first[0])))
+
+
 def make_synthetic_video(
     index: int, *, num_frames: int = 16, size: int = 64, seed: int = 0,
     radius: tuple[float, float] = DEFAULT_RADIUS,
@@ -65,22 +102,16 @@ def make_synthetic_video(
 
     Deterministic in (seed, index). The shape's size (circumradius drawn from `radius` x size),
     colour, start and velocity are random; it moves at 3-6% of the frame size per frame and bounces
-    off the borders.
+    off the borders. `synthetic_caption` describes it.
     """
-    label = index % len(SYNTHETIC_CLASSES)
-    rng = np.random.default_rng([seed, index])
-    radius = size * rng.uniform(*radius)
-    colour = tuple(int(c) for c in PALETTE[rng.integers(len(PALETTE))])
-    lo, hi = radius + 1.0, size - 2.0 - radius
-    start = rng.uniform(lo, hi, size=2)
-    angle = rng.uniform(0, 2 * np.pi)
-    velocity = size * rng.uniform(0.03, 0.06) * np.array([np.cos(angle), np.sin(angle)])
-    centres = _bounce(start + velocity * np.arange(num_frames)[:, None], lo, hi)  # [T, 2] (x, y)
+    p = _params(index, seed, size, radius)
+    centres = _bounce(p["start"] + p["velocity"] * np.arange(num_frames)[:, None], p["lo"], p["hi"])  # [T, 2]
     frames = np.empty((num_frames, size, size, 3), dtype=np.uint8)
     frames[:] = BACKGROUND
+    colour = tuple(int(c) for c in PALETTE[p["colour"]])
     for frame, centre in zip(frames, centres):
-        _draw(frame, SYNTHETIC_CLASSES[label], centre, radius, colour)
-    return frames, label
+        _draw(frame, SYNTHETIC_CLASSES[p["label"]], centre, p["radius"], colour)
+    return frames, p["label"]
 
 
 class SyntheticVideoDataset(torch.utils.data.Dataset):
@@ -119,7 +150,8 @@ def write_synthetic(
     out_dir, num_videos: int, *, num_frames: int = 16, size: int = 64, fps: float = 8.0, seed: int = 0,
     radius: tuple[float, float] = DEFAULT_RADIUS,
 ) -> list[Path]:
-    """Write the synthetic set as H.264 mp4 files OUT/<class>/video_00003.mp4; returns their paths.
+    """Write the synthetic set as H.264 mp4 files OUT/<class>/video_00003.mp4, each with its caption
+    in a sidecar OUT/<class>/video_00003.txt (`synthetic_caption`); returns the video paths.
 
     Idempotent: a file that already decodes to the right frame count and size is kept as is.
     Odd sizes are stored padded to even (see write_video).
@@ -133,6 +165,11 @@ def write_synthetic(
         if not _is_complete(path, num_frames, stored):
             frames, _ = make_synthetic_video(index, num_frames=num_frames, size=size, seed=seed, radius=radius)
             write_video(path, frames, fps)
+        caption = synthetic_caption(index, size=size, seed=seed, radius=radius) + "\n"
+        side = path.with_suffix(".txt")
+        if not side.is_file() or side.read_text() != caption:
+            with atomic_write(side) as tmp:
+                tmp.write_text(caption)
         paths.append(path)
     return paths
 

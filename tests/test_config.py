@@ -72,3 +72,15 @@ def test_model_config_json_strict():
     d["bogus"] = 1
     with pytest.raises(ValueError, match="bogus"):
         UNetConfig.from_dict(d, "export/config.json")
+
+
+def test_yes_no_stay_strings_and_booleans_still_parse(tmp_path):
+    """`train.mixed_precision=no` (the documented value) is the string "no", from an override and from
+    an unquoted file value; boolean keys still take yes/no/on/off and true/false."""
+    cfg = load_config(Run, None, ["train.mixed_precision=no", "model.mid_attention=no"])
+    assert cfg.train.mixed_precision == "no" and cfg.model.mid_attention is False
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  mixed_precision: no\nmodel:\n  mid_attention: off\n")
+    cfg = load_config(Run, p, ["model.mid_attention=True"])
+    assert cfg.train.mixed_precision == "no" and cfg.model.mid_attention is True
+    assert load_config(Run, p).model.mid_attention is False

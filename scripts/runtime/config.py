@@ -5,6 +5,7 @@ type conversion and checking, and a resolved-config dump."""
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -13,6 +14,24 @@ from pathlib import Path
 import yaml
 
 from data.files import atomic_write
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML with YAML 1.2's booleans: only true/false are booleans, so `no`, `off`, `yes` and `on` stay
+    strings (`train.mixed_precision=no` is the string "no"); boolean keys still accept them."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    ch: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for ch, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def _yaml(text: str):
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 class ConfigError(ValueError):
@@ -68,7 +87,7 @@ def _convert(value, tp, key: str, source: str):
     if origin in (tuple, list):
         if isinstance(value, str):
             value = [v.strip() for v in value.strip("()[]").split(",") if v.strip()]
-            value = [yaml.safe_load(v) for v in value]
+            value = [_yaml(v) for v in value]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{source}: '{key}' must be a list, got {value!r}")
         elem = args[0] if args else str
@@ -77,8 +96,8 @@ def _convert(value, tp, key: str, source: str):
     if tp is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
-            return value.lower() in ("true", "yes", "1")
+        if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+            return value.lower() in ("true", "yes", "on", "1")
         raise ConfigError(f"{source}: '{key}' must be true or false, got {value!r}")
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, (int, str)):
@@ -123,7 +142,7 @@ def parse_override(text: str) -> tuple[list[str], object]:
     if "=" not in text:
         raise ConfigError(f"override '{text}' must look like section.key=value")
     key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw != "" else ""
+    value = _yaml(raw) if raw != "" else ""
     return key.strip().split("."), value
 
 
@@ -138,7 +157,7 @@ def load_config(cls, path: str | Path | None = None, overrides: list[str] | tupl
         except OSError as e:
             raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
         try:
-            data = yaml.safe_load(text) or {}
+            data = _yaml(text) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
         if not isinstance(data, dict):

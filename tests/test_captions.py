@@ -1,0 +1,98 @@
+"""Captions: the three layouts, several captions per file, every problem reported; synthetic captions
+say what the video shows (checked against the frames with the tracker, not the caption code)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from data.captions import load_captions
+from data.colour import delta_e, srgb_to_lab
+from data.errors import BadInputError
+from data.synthetic import (
+    COLOUR_NAMES,
+    DIRECTIONS,
+    PALETTE,
+    SYNTHETIC_CLASSES,
+    make_synthetic_video,
+    object_centres,
+    synthetic_caption,
+    write_synthetic,
+)
+
+FILES = ["a/one.mp4", "a/two.mp4", "b/three.png", "b/four.mp4"]
+
+
+def _touch(root, rels):
+    for rel in rels:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(b"")
+
+
+def test_sidecars_csv_and_jsonl_with_several_captions(tmp_path):
+    _touch(tmp_path, FILES)
+    (tmp_path / "a" / "one.txt").write_text("a red circle\n\n  a   red  ball \n")
+    (tmp_path / "captions.csv").write_text('path,caption\na/two.mp4,"two, with a comma"\n./b/three.png,three\n')
+    (tmp_path / "captions.jsonl").write_text(
+        json.dumps({"path": "b/four.mp4", "caption": ["four", "vier"]}) + "\n"
+        + json.dumps({"path": "a/one.mp4", "caption": "a red circle"}) + "\n"  # a duplicate is kept once
+    )
+    cs = load_captions(tmp_path, FILES)
+    assert cs.captioned and cs.problems == []
+    assert cs.of("a/one.mp4") == ("a red circle", "a red ball")
+    assert cs.of("a/two.mp4") == ("two, with a comma",)
+    assert cs.of("b/three.png") == ("three",)
+    assert cs.of("b/four.mp4") == ("four", "vier")
+    assert set(cs.sources) == {"captions.csv", "captions.jsonl", "sidecar"}
+
+
+def test_missing_orphan_and_bad_rows_are_reported(tmp_path):
+    _touch(tmp_path, FILES)
+    (tmp_path / "captions.jsonl").write_text(
+        json.dumps({"path": "a/one.mp4", "caption": "one"}) + "\n"
+        + json.dumps({"path": "gone/five.mp4", "caption": "five"}) + "\n"
+        + "{not json\n"
+        + json.dumps({"path": "a/two.mp4", "caption": ""}) + "\n"
+    )
+    cs = load_captions(tmp_path, FILES)
+    reasons = {(p["relpath"], p["reason"].split(": ", 1)[-1]) for p in cs.problems}
+    assert ("gone/five.mp4", "caption names a file that is not in the data folder") in reasons
+    assert any("line 3" in p["reason"] and "JSON" in p["reason"] for p in cs.problems)
+    assert ("a/two.mp4", "empty or non-text caption") in reasons
+    for rel in ("a/two.mp4", "b/three.png", "b/four.mp4"):  # captioned folder: the rest are missing ones
+        assert (rel, "no caption (trains as the null text)") in reasons
+    assert all(p["stage"] == "caption" for p in cs.problems)
+
+
+def test_uncaptioned_folder_has_no_problems_and_bad_header_is_an_error(tmp_path):
+    _touch(tmp_path, FILES)
+    cs = load_captions(tmp_path, FILES)
+    assert not cs.captioned and cs.problems == []
+    (tmp_path / "captions.csv").write_text("file,text\na/one.mp4,x\n")
+    with pytest.raises(BadInputError, match="captions.csv.*path,caption"):
+        load_captions(tmp_path, FILES)
+
+
+def test_synthetic_captions_say_colour_shape_and_direction():
+    for index in range(24):
+        frames, label = make_synthetic_video(index, num_frames=4, size=64, seed=5)
+        words = synthetic_caption(index, size=64, seed=5)
+        assert SYNTHETIC_CLASSES[label] in words
+        # colour: the palette entry nearest the object's drawn pixels
+        mask = np.abs(frames[0].astype(int) - frames[0, 0, 0]).sum(-1) > 60
+        mean = frames[0][mask].reshape(-1, 3).mean(0)
+        nearest = int(np.argmin([delta_e(srgb_to_lab(mean[None]), srgb_to_lab(np.array([p]))).item() for p in PALETTE]))
+        assert f" {COLOUR_NAMES[nearest]} " in words
+        # direction: the tracked displacement over the first frames (before most bounces), in 8 sectors
+        c = object_centres(frames)
+        dx, dy = c[1] - c[0]
+        angle = np.degrees(np.arctan2(-dy, dx)) % 360
+        said = next(i for i, d in enumerate(DIRECTIONS) if words.endswith(d))
+        assert min(abs(angle - 45 * said), 360 - abs(angle - 45 * said)) <= 22.5 + 8, (index, words, angle)
+
+
+def test_write_synthetic_writes_sidecars(tmp_path):
+    paths = write_synthetic(tmp_path, 3, num_frames=2, size=16)
+    cs = load_captions(tmp_path, [p.relative_to(tmp_path).as_posix() for p in paths])
+    assert cs.problems == [] and len(cs.captions) == 3
+    assert cs.of("circle/video_00000.mp4") == (synthetic_caption(0, size=16),)
