@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .clips import clip_starts, stride_for_fps
 from .errors import BadInputError
-from .synthetic import SYNTHETIC_CLASSES, make_synthetic_video
+from .synthetic import SYNTHETIC_CLASSES, make_synthetic_video, synthetic_caption
 from .transforms import resize_and_crop
 from .video_io import read_image, read_video
 
@@ -36,6 +36,7 @@ class InputSpec:
     label: int = -1
     label_name: str | None = None
     index: int = -1
+    captions: tuple[str, ...] = ()  # data/captions.py; empty in an uncaptioned folder
 
 
 @dataclass
@@ -62,10 +63,12 @@ class Failure:
         return asdict(self)
 
 
-def synthetic_specs(num_videos: int) -> tuple[list[InputSpec], list[str]]:
-    """The synthetic set named like make_synthetic's folders; label = index % classes (checked on decode)."""
+def synthetic_specs(num_videos: int, size: int = 64, seed: int = 0) -> tuple[list[InputSpec], list[str]]:
+    """The synthetic set named like make_synthetic's folders, with its captions; label = index %
+    classes (checked on decode)."""
     names = SYNTHETIC_CLASSES
-    specs = [InputSpec("video", f"{names[i % len(names)]}/{i:06d}", None, i % len(names), names[i % len(names)], i)
+    specs = [InputSpec("video", f"{names[i % len(names)]}/{i:06d}", None, i % len(names), names[i % len(names)], i,
+                       (synthetic_caption(i, size=size, seed=seed),))
              for i in range(num_videos)]  # fmt: skip
     return specs, list(names)
 
@@ -226,6 +229,9 @@ def plan_units(specs: list[InputSpec], per_video_shard: int, per_image_shard: in
         chosen = sorted((s for s in specs if s.kind == kind), key=lambda s: s.relpath)
         units += [Unit(kind, i // per, chosen[i : i + per]) for i in range(0, len(chosen), per)]
     for u in units:
-        text = json.dumps({"settings": settings, "inputs": [s.relpath for s in u.specs]}, sort_keys=True)
+        what = {"settings": settings, "inputs": [s.relpath for s in u.specs]}
+        if any(s.captions for s in u.specs):  # an edited caption re-encodes its unit
+            what["captions"] = [list(s.captions) for s in u.specs]
+        text = json.dumps(what, sort_keys=True)
         u.fingerprint = hashlib.sha256(text.encode()).hexdigest()
     return units

@@ -103,9 +103,10 @@ def _umask() -> int:
 # ----------------------------------------------------------------------------- exports
 
 
-def write_export(folder: str | os.PathLike, state: dict, meta: dict, model_type: str) -> Path:
+def write_export(folder: str | os.PathLike, state: dict, meta: dict, model_type: str, extras: dict | None = None) -> Path:
     """Write an export folder: WEIGHTS_NAME (safetensors `state`) and CONFIG_NAME (`meta` plus
-    model_type and the weights' sha256, which the loaders check).
+    model_type and the weights' sha256, which the loaders check), plus `extras` {name: write(path)}
+    (files or folders written by the callables, e.g. the text encoder), inside the same swap.
 
     The guarantee: `folder` is always either the complete old export or the complete new one. The
     new one is built in a hidden temporary folder (other files already in `folder` are copied
@@ -123,16 +124,19 @@ def write_export(folder: str | os.PathLike, state: dict, meta: dict, model_type:
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={"model_type": model_type})
         meta = {"model_type": model_type, **meta, "weights_sha256": sha256_file(tmp / WEIGHTS_NAME)}
         (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        extras = extras or {}
+        for name, write in extras.items():
+            write(tmp / name)
         if folder.is_dir():  # keep the user's other files (notes, samples) with the export
             for p in folder.iterdir():
-                if p.name not in (CONFIG_NAME, WEIGHTS_NAME):
+                if p.name not in (CONFIG_NAME, WEIGHTS_NAME, *extras):
                     (shutil.copytree if p.is_dir() else shutil.copy2)(p, tmp / p.name)
         for name in (WEIGHTS_NAME, CONFIG_NAME):
             os.chmod(tmp / name, 0o666 & ~_umask())  # the usual permissions (safetensors writes 0600)
-        for p in tmp.iterdir():
-            if p.is_file():
-                fsync_file(p)
-        fsync_dir(tmp)
+        for dirpath, _, names in os.walk(tmp):
+            for n in names:
+                fsync_file(Path(dirpath) / n)
+            fsync_dir(Path(dirpath))
         shutil.rmtree(old, ignore_errors=True)
         if folder.exists():
             folder.rename(old)

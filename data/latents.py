@@ -33,10 +33,11 @@ from torch.utils.data import DataLoader, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from .files import seed_from
-from .shards import MANIFEST, ShardError, check_shard_files, load_manifest
+from .shards import MANIFEST, TEXT_EXTS, ShardError, check_shard_files, load_manifest
 from .stats import LatentStats, load_stats, whiten
 
 ALLOWED_MEMBERS = ("json", "logvar.npy", "mean.npy")  # nothing else is ever decoded (never pickle)
+OPTIONAL_MEMBERS = TEXT_EXTS  # caption embeddings (encode.text_encoder): both or neither
 
 
 # ----------------------------------------------------------------------------- epoch plan (pure)
@@ -135,13 +136,19 @@ def _skip(src, per_worker: list[int], offset: int):
 
 
 def decode_sample(raw: dict, latent_shape: tuple[int, int, int], frames: int) -> dict:
-    """Raw tar members -> {"mean", "logvar" float16 numpy, "meta" dict}; only npy and json are read."""
+    """Raw tar members -> {"mean", "logvar" float16 numpy, "meta" dict, and "text" float16 [N, L, D] /
+    "text_mask" bool [N, L] when the shards carry caption embeddings}; only npy and json are read."""
     url, key = raw.get("__url__", "?"), raw.get("__key__", "?")
     members = {k: v for k, v in raw.items() if not k.startswith("__")}
-    extra = sorted(set(members) - set(ALLOWED_MEMBERS))
-    if extra or len(members) != len(ALLOWED_MEMBERS):
-        what = f"unexpected member(s) {extra}" if extra else f"missing member(s) {sorted(set(ALLOWED_MEMBERS) - set(members))}"
-        raise ShardError(f"{url}: sample {key}: {what}; only {list(ALLOWED_MEMBERS)} are read (never pickle)")
+    extra = sorted(set(members) - set(ALLOWED_MEMBERS) - set(OPTIONAL_MEMBERS))
+    missing = sorted(set(ALLOWED_MEMBERS) - set(members))
+    optional = set(members) & set(OPTIONAL_MEMBERS)
+    if optional and optional != set(OPTIONAL_MEMBERS):
+        missing += sorted(set(OPTIONAL_MEMBERS) - optional)
+    if extra or missing:
+        what = f"unexpected member(s) {extra}" if extra else f"missing member(s) {missing}"
+        allowed = [*ALLOWED_MEMBERS, *OPTIONAL_MEMBERS]
+        raise ShardError(f"{url}: sample {key}: {what}; only {allowed} are read (never pickle)")
     out = {"meta": json.loads(members["json"].decode("utf-8"))}
     expected = (latent_shape[0], frames, latent_shape[1], latent_shape[2])
     for name in ("mean", "logvar"):
@@ -149,6 +156,14 @@ def decode_sample(raw: dict, latent_shape: tuple[int, int, int], frames: int) ->
         if arr.dtype != np.float16 or arr.shape != expected:
             raise ShardError(f"{url}: sample {key}: {name}.npy is {arr.dtype}{list(arr.shape)}, expected float16{list(expected)}")
         out[name] = arr
+    if optional:
+        text = np.load(io.BytesIO(members["text.npy"]), allow_pickle=False)
+        mask = np.load(io.BytesIO(members["text_mask.npy"]), allow_pickle=False)
+        n = len(out["meta"].get("captions") or [])
+        if text.dtype != np.float16 or text.ndim != 3 or mask.shape != text.shape[:2] or len(text) != n:
+            raise ShardError(f"{url}: sample {key}: text.npy {text.dtype}{list(text.shape)} / text_mask.npy "
+                             f"{list(mask.shape)} do not match its {n} captions")
+        out["text"], out["text_mask"] = text, mask.astype(bool)
     out["key"] = key
     return out
 
@@ -162,22 +177,40 @@ def _to_latent(src, stats: LatentStats, use_mean: bool, seed: int, epoch: int, l
             eps = np.random.default_rng(seed_from(seed, epoch, d["key"])).standard_normal(x.shape, np.float32)
             x = x + np.exp(0.5 * d["logvar"].astype(np.float32)) * eps
         label = d["meta"].get("label")
-        yield {
+        out = {
             "latent": torch.from_numpy(whiten(x, stats)),  # whitened, float32 [C, T, h, w]
             "label": -1 if label is None else int(label),
             "key": d["key"],
             "meta": d["meta"],
+            "caption": None,
         }
+        captions = d["meta"].get("captions") or []
+        if captions:  # one caption per sample per epoch, seeded like the posterior noise
+            i = seed_from(seed, epoch, d["key"], "caption") % len(captions)
+            out["caption"] = captions[i]
+            if "text" in d:
+                out["text"], out["text_mask"] = torch.from_numpy(d["text"][i].astype(np.float32)), torch.from_numpy(d["text_mask"][i])
+        yield out
 
 
 def collate(samples: list[dict]) -> dict:
-    """latent [B, C, T, h, w] float32, label [B] int64 (-1: unlabelled), key and meta as lists."""
-    return {
+    """latent [B, C, T, h, w] float32, label [B] int64 (-1: unlabelled), key, meta and caption (str
+    or None) as lists; with caption embeddings in the shards also text [B, L, D] float32 and
+    text_mask [B, L] bool (all False for a sample without a caption: the null text)."""
+    batch = {
         "latent": torch.stack([s["latent"] for s in samples]),
         "label": torch.tensor([s["label"] for s in samples], dtype=torch.long),
         "key": [s["key"] for s in samples],
         "meta": [s["meta"] for s in samples],
+        "caption": [s.get("caption") for s in samples],
     }
+    shaped = [s for s in samples if "text" in s]
+    if shaped:
+        like = shaped[0]
+        batch["text"] = torch.stack([s["text"] if "text" in s else torch.zeros_like(like["text"]) for s in samples])
+        batch["text_mask"] = torch.stack([s["text_mask"] if "text" in s else torch.zeros_like(like["text_mask"])
+                                          for s in samples])
+    return batch
 
 
 # ----------------------------------------------------------------------------- dataset and loader

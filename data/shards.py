@@ -21,6 +21,8 @@ MANIFEST = "manifest.json"
 STATS = "stats.json"
 FAILURES = "failures.jsonl"
 SAMPLE_EXTS = ("json", "logvar.npy", "mean.npy")  # members of one sample, in the order written
+# with encode.text_encoder: each caption's token embeddings float16 [N, L, D] and mask uint8 [N, L]
+TEXT_EXTS = ("text.npy", "text_mask.npy")
 
 
 class ShardError(RuntimeError):
@@ -49,8 +51,10 @@ def npy_bytes(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def sample_members(key: str, mean: np.ndarray, logvar: np.ndarray, meta: dict) -> tuple[str, dict]:
-    """The tar members of one sample: float16 `mean.npy`/`logvar.npy` [C,T,h,w] and `json`."""
+def sample_members(key: str, mean: np.ndarray, logvar: np.ndarray, meta: dict, text=None) -> tuple[str, dict]:
+    """The tar members of one sample: float16 `mean.npy`/`logvar.npy` [C,T,h,w] and `json`, and with
+    `text` = (embeddings [N, L, D], mask [N, L]) of its N captions, `text.npy` (float16) and
+    `text_mask.npy` (uint8)."""
     if "." in key or "/" in key:
         raise ValueError(f"sample key {key!r} must not contain '.' or '/' (WebDataset splits keys there)")
     members = {
@@ -58,6 +62,9 @@ def sample_members(key: str, mean: np.ndarray, logvar: np.ndarray, meta: dict) -
         "logvar.npy": npy_bytes(np.asarray(logvar, np.float16)),
         "mean.npy": npy_bytes(np.asarray(mean, np.float16)),
     }
+    if text is not None:
+        members["text.npy"] = npy_bytes(np.asarray(text[0], np.float16))
+        members["text_mask.npy"] = npy_bytes(np.asarray(text[1], np.uint8))
     return key, members
 
 
@@ -164,16 +171,22 @@ def build_manifest(sidecars: list[dict], *, clip_len: int, autoencoder: dict, en
     }
 
 
-def finalize(folder: str | Path, sidecars: list[dict], **manifest_fields) -> dict:
-    """Merge sidecars into manifest.json, stats.json and failures.jsonl (each written atomically)."""
+def finalize(folder: str | Path, sidecars: list[dict], caption_problems: list[dict] = (), text: dict | None = None,
+             **manifest_fields) -> dict:
+    """Merge sidecars into manifest.json, stats.json and failures.jsonl (each written atomically).
+    `caption_problems` (files encoded without a caption, captions naming no file) join failures.jsonl;
+    `text` ({"captioned_files", "caption_problems", "text_encoder"}) is recorded in the manifest."""
     folder = Path(folder)
     manifest = build_manifest(sidecars, **manifest_fields)
+    if text is not None:
+        manifest["text"] = text
     stats = None
     for side in sidecars:
         if side["stats"]["count"]:
             part = RunningStats.from_dict(side["stats"])
             stats = part if stats is None else stats.merge(part)
-    failures = sorted((f for s in sidecars for f in s["failures"]), key=lambda f: (f["relpath"], f["stage"]))
+    failures = sorted([*(f for s in sidecars for f in s["failures"]), *caption_problems],
+                      key=lambda f: (f["relpath"], f["stage"]))
     with atomic_write(folder / FAILURES) as tmp:
         tmp.write_text("".join(json.dumps(f, sort_keys=True) + "\n" for f in failures))
     if stats is not None:

@@ -34,15 +34,17 @@ def training_frame_masks(x0: torch.Tensor, cond_prob: float, prefix_prob: float,
 
 
 def drop_labels(labels: torch.Tensor, num_classes: int, p: float,
-                generator: torch.Generator | None = None) -> torch.Tensor | None:
+                generator: torch.Generator | None = None, u: torch.Tensor | None = None) -> torch.Tensor | None:
     """Class labels [B] for a training step of a classifier-free-guidance model: each replaced by
     the null label (index `num_classes`) with probability `p`; unlabelled samples (label < 0) always
-    get the null label. None for an unconditional model (num_classes == 0)."""
+    get the null label. None for an unconditional model (num_classes == 0). `u` [B]: uniform draws
+    shared with `drop_text`, so a model with labels and text sees both dropped together (the
+    unconditional branch of guidance) at rate min(p_class, p_text)."""
     if num_classes == 0:
         return None
     labels = labels.clone()
     labels[labels < 0] = num_classes
-    drop = torch.rand(labels.shape, generator=generator) < p
+    drop = (torch.rand(labels.shape, generator=generator) if u is None else u) < p
     labels[drop.to(labels.device)] = num_classes
     return labels
 
@@ -55,3 +57,10 @@ def image_frames(latents: torch.Tensor, generator: torch.Generator | None = None
         return latents
     idx = torch.randint(0, t, (n,), generator=generator)
     return latents[torch.arange(n), :, idx][:, :, None]
+
+
+def drop_text(text_mask: torch.Tensor, p: float, u: torch.Tensor) -> torch.Tensor:
+    """Token masks [B, L] with the rows where u < p (u [B] uniform) cleared: those samples get the
+    null text (UNet3D's learned null token), for classifier-free guidance on text."""
+    keep = (u >= p).to(text_mask.device)
+    return text_mask.bool() & keep[:, None]

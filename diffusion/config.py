@@ -26,12 +26,17 @@ class UNetConfig:
     max_relative_position: int = 32  # learned relative bias buckets are clipped to +-this
     num_classes: int = 0  # 0: unconditional; otherwise index num_classes is the null label (CFG)
     frame_conditioning: bool = True  # extra inputs: known frames' latents + a mask channel
+    # width of the text encoder's token embeddings; 0: no text. > 0: cross-attention to the tokens
+    # after each spatial attention, and the pooled text added to the timestep embedding
+    text_dim: int = 0
     gradient_checkpointing: bool = False
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["channel_mult"] = list(self.channel_mult)
         d["attention_levels"] = list(self.attention_levels)
+        if not self.text_dim:
+            del d["text_dim"]  # a model without text: config.json as before the key existed
         if self.temporal_attention_levels is None:
             del d["temporal_attention_levels"]  # as before the key existed: old checkpoints still match
         else:

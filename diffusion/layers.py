@@ -112,6 +112,31 @@ class SpatialAttention(nn.Module):
         return x + rearrange(h, "bt (h w) c -> bt c h w", h=height)
 
 
+class CrossAttention(nn.Module):
+    """Pre-norm multi-head attention from the H*W positions of each frame to text tokens (residual,
+    out-projection zero-initialised). context [B, L, D] and mask [B, L] (True = a real token) are
+    shared by the frames of a clip; every row must have at least one True (UNet3D adds a learned
+    null token)."""
+
+    def __init__(self, channels: int, context_dim: int, head_dim: int, groups: int):
+        super().__init__()
+        self.heads = num_heads_for(channels, head_dim)
+        self.norm = group_norm(channels, groups)
+        self.q = nn.Linear(channels, channels)
+        self.kv = nn.Linear(context_dim, 2 * channels)
+        self.out_proj = zero_module(nn.Linear(channels, channels))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor, num_frames: int) -> torch.Tensor:
+        height = x.shape[-2]
+        q = rearrange(self.q(rearrange(self.norm(x), "bt c h w -> bt (h w) c")), "n l (h d) -> n h l d", h=self.heads)
+        k, v = rearrange(self.kv(context.to(q.dtype)), "b s (k h d) -> k b h s d", k=2, h=self.heads)
+        k, v = k.repeat_interleave(num_frames, 0), v.repeat_interleave(num_frames, 0)  # [(B T), heads, L, d]
+        attn_mask = mask.repeat_interleave(num_frames, 0)[:, None, None, :]  # [(B T), 1, 1, L]
+        h = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # [(B T), heads, HW, d]
+        h = self.out_proj(rearrange(h, "n h l d -> n l (h d)"))
+        return x + rearrange(h, "bt (h w) c -> bt c h w", h=height)
+
+
 class TemporalAttention(nn.Module):
     """Pre-norm multi-head self-attention over the T frames at each pixel, with a learned relative
     position bias per head indexed by clamp(j - i, -R, R) (T5 / Ho et al. 2022), so it carries no

@@ -254,26 +254,43 @@ def sample(
         )
 
 
-def classifier_free_guidance(model: Model, scale: float, null_label: int) -> Model:
+def classifier_free_guidance(model: Model, scale: float, null_label: int | None = None,
+                             negative_text: tuple[torch.Tensor, torch.Tensor] | None = None) -> Model:
     """Classifier-free guidance (Ho & Salimans 2022) on the raw output: uncond + scale (cond - uncond).
 
-    The conditional and the unconditional (class_labels = null_label) halves run in one batched call;
-    other tensor kwargs with a batch dimension (cond_frames, cond_mask) are duplicated for both.
-    scale == 1 (or no class_labels) calls the conditional model alone, so it is exactly that model."""
+    The conditional and the unconditional halves run in one batched call. The unconditional half
+    has every condition the model was given dropped together: class_labels -> `null_label`, and
+    text -> the null text (text_mask all False), or the `negative_text` (tokens [1, L, D], mask
+    [1, L]) when a negative prompt is given. Other tensor kwargs with a batch dimension (cond_frames,
+    cond_mask) are duplicated for both. scale == 1, or no class label and no text, calls the
+    conditional model alone, so it is exactly that model."""
 
-    def guided(x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None, **cond):
-        if class_labels is None:
-            return model(x, t, **cond)
-        if scale == 1:
-            return model(x, t, class_labels=class_labels, **cond)
+    def guided(x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None,
+               text: torch.Tensor | None = None, text_mask: torch.Tensor | None = None, **cond):
+        given = {k: v for k, v in (("class_labels", class_labels), ("text", text), ("text_mask", text_mask)) if v is not None}
+        if scale == 1 or (class_labels is None and text is None):
+            return model(x, t, **given, **cond)
         batch = x.shape[0]
 
         def twice(v):
             return torch.cat([v, v]) if torch.is_tensor(v) and v.ndim > 0 and v.shape[0] == batch else v
 
-        labels = torch.cat([class_labels, torch.full_like(class_labels, null_label)])
-        both = model(twice(x), twice(t), class_labels=labels, **{k: twice(v) for k, v in cond.items()})
-        out_cond, out_uncond = both.chunk(2)
+        both = {k: twice(v) for k, v in cond.items()}
+        if class_labels is not None:
+            if null_label is None:
+                raise ValueError("class-conditional guidance needs the null label")
+            both["class_labels"] = torch.cat([class_labels, torch.full_like(class_labels, null_label)])
+        if text is not None:
+            mask = torch.ones(text.shape[:2], dtype=torch.bool, device=text.device) if text_mask is None else text_mask.bool()
+            if negative_text is None:
+                un_text, un_mask = torch.zeros_like(text), torch.zeros_like(mask)
+            else:
+                un_text = negative_text[0].to(text).expand(batch, -1, -1)
+                un_mask = negative_text[1].to(mask.device).bool().expand(batch, -1)
+                if un_text.shape != text.shape:
+                    raise ValueError(f"negative prompt tokens {tuple(un_text.shape)} do not match {tuple(text.shape)}")
+            both["text"], both["text_mask"] = torch.cat([text, un_text]), torch.cat([mask, un_mask])
+        out_cond, out_uncond = model(twice(x), twice(t), **both).chunk(2)
         return out_uncond + scale * (out_cond - out_uncond)
 
     return guided

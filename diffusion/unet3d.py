@@ -12,6 +12,7 @@ from torch.utils.checkpoint import checkpoint
 
 from diffusion.config import UNetConfig
 from diffusion.layers import (
+    CrossAttention,
     Downsample,
     ResBlock,
     SpatialAttention,
@@ -27,7 +28,8 @@ MODEL_TYPE = "UNet3D"  # recorded in the exported config.json
 
 
 class UNetBlock(nn.Module):
-    """One residual block, optionally followed by spatial attention then temporal attention."""
+    """One residual block, optionally followed by spatial attention, cross-attention to text tokens
+    (when the model has text) and temporal attention."""
 
     def __init__(self, in_ch: int, out_ch: int, emb_dim: int, config: UNetConfig, attention: bool,
                  temporal: bool | None = None):
@@ -37,14 +39,17 @@ class UNetBlock(nn.Module):
             in_ch, out_ch, emb_dim, groups=c.norm_groups, dropout=c.dropout, temporal_conv=c.temporal_conv
         )
         self.spatial_attn = SpatialAttention(out_ch, c.head_dim, c.norm_groups) if attention else None
+        self.cross_attn = CrossAttention(out_ch, c.text_dim, c.head_dim, c.norm_groups) if attention and c.text_dim else None
         self.temporal_attn = None
         if (attention if temporal is None else temporal) and c.temporal_attention:
             self.temporal_attn = TemporalAttention(out_ch, c.head_dim, c.norm_groups, c.max_relative_position)
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, num_frames: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, num_frames: int, text=None, text_mask=None) -> torch.Tensor:
         x = self.res(x, emb, num_frames)
         if self.spatial_attn is not None:
             x = self.spatial_attn(x, num_frames)
+        if self.cross_attn is not None:
+            x = self.cross_attn(x, text, text_mask, num_frames)
         if self.temporal_attn is not None:
             x = self.temporal_attn(x, num_frames)  # identity, no compute, when num_frames == 1
         return x
@@ -55,7 +60,13 @@ class UNet3D(nn.Module):
     each res block, relative-position temporal attention after each spatial attention) mix frames.
 
     forward(x [B,C,T,h,w], t [B], class_labels [B] | None, cond_frames [B,C,T,h,w] | None,
-    cond_mask [B,T] or [B,1,T,1,1] | None) -> [B,C,T,h,w] (eps, v or x0: the process decides)."""
+    cond_mask [B,T] or [B,1,T,1,1] | None, text [B,L,D] | None, text_mask [B,L] | None)
+    -> [B,C,T,h,w] (eps, v or x0: the process decides).
+
+    With text (config.text_dim > 0): a row whose text_mask is all False (or text None) is the null
+    text of classifier-free guidance. Every token list gets a learned null token in front, so
+    cross-attention always has a key, and the masked mean of the tokens (zero for the null text) is
+    projected (zero-initialised) and added to the timestep embedding."""
 
     def __init__(self, config: UNetConfig):
         super().__init__()
@@ -64,6 +75,9 @@ class UNet3D(nn.Module):
         self.time_mlp = nn.Sequential(nn.Linear(base, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         # index num_classes is the null label used for classifier-free guidance
         self.class_emb = nn.Embedding(c.num_classes + 1, emb_dim) if c.num_classes > 0 else None
+        if c.text_dim:
+            self.null_token = nn.Parameter(torch.randn(1, 1, c.text_dim) * 0.02)
+            self.text_pool = zero_module(nn.Linear(c.text_dim, emb_dim))
         in_ch = 2 * c.in_channels + 1 if c.frame_conditioning else c.in_channels
         self.input_conv = nn.Conv2d(in_ch, base, 3, padding=1)
 
@@ -110,12 +124,26 @@ class UNet3D(nn.Module):
     def downsample_factor(self) -> int:
         return 2 ** (len(self.config.channel_mult) - 1)
 
-    def _run(self, block: nn.Module, x: torch.Tensor, emb: torch.Tensor, num_frames: int) -> torch.Tensor:
+    def _run(self, block: nn.Module, x: torch.Tensor, emb: torch.Tensor, num_frames: int, text) -> torch.Tensor:
         if not isinstance(block, UNetBlock):
             return block(x)  # Downsample / Upsample
         if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(block, x, emb, num_frames, use_reentrant=False)
-        return block(x, emb, num_frames)
+            return checkpoint(block, x, emb, num_frames, *text, use_reentrant=False)
+        return block(x, emb, num_frames, *text)
+
+    def _text(self, text, text_mask, batch: int, device) -> tuple:
+        """(tokens [B, 1+L, D] with the null token first, mask [B, 1+L]) and the pooled text [B, D]."""
+        d = self.config.text_dim
+        if text is None:
+            text, text_mask = torch.zeros(batch, 1, d, device=device), torch.zeros(batch, 1, dtype=torch.bool, device=device)
+        if text.ndim != 3 or text.shape[0] != batch or text.shape[-1] != d:
+            raise ValueError(f"expected text [{batch}, L, {d}], got {tuple(text.shape)}")
+        mask = torch.ones(text.shape[:2], dtype=torch.bool, device=device) if text_mask is None else text_mask.to(device).bool()
+        text = text.to(device).float()
+        weights = mask.float()[..., None]
+        pooled = (text * weights).sum(1) / weights.sum(1).clamp(min=1.0)  # [B, D]; 0 for the null text
+        tokens = torch.cat([self.null_token.expand(batch, 1, d), text], dim=1)
+        return (tokens, torch.cat([mask.new_ones(batch, 1), mask], dim=1)), pooled
 
     def _embed(self, t: torch.Tensor, class_labels: torch.Tensor | None, batch: int, device) -> torch.Tensor:
         t = torch.as_tensor(t, device=device)
@@ -149,23 +177,29 @@ class UNet3D(nn.Module):
             )
 
     # ------------------------------------------------------------------ forward
-    def forward(self, x, t, class_labels=None, cond_frames=None, cond_mask=None) -> torch.Tensor:
+    def forward(self, x, t, class_labels=None, cond_frames=None, cond_mask=None, text=None, text_mask=None) -> torch.Tensor:
         self._check(x)
         batch, num_frames = x.shape[0], x.shape[2]
-        emb = repeat_over_frames(self._embed(t, class_labels, batch, x.device), num_frames)  # [(B T), D]
+        emb, ctx = self._embed(t, class_labels, batch, x.device), ()
+        if self.config.text_dim:
+            ctx, pooled = self._text(text, text_mask, batch, x.device)
+            emb = emb + self.text_pool(pooled)
+        elif text is not None:
+            raise ValueError("this model has no text conditioning (text_dim = 0) but was given text")
+        emb = repeat_over_frames(emb, num_frames)  # [(B T), D]
         h = rearrange(self._input(x, cond_frames, cond_mask), "b c t h w -> (b t) c h w")
         h = self.input_conv(h)  # [(B T), base, h, w]
 
         skips = [h]
         for block in self.down:
-            h = self._run(block, h, emb, num_frames)
+            h = self._run(block, h, emb, num_frames, ctx)
             skips.append(h)
         for block in self.middle:
-            h = self._run(block, h, emb, num_frames)
+            h = self._run(block, h, emb, num_frames, ctx)
         for block in self.up:
             if isinstance(block, UNetBlock):
                 h = torch.cat([h, skips.pop()], dim=1)
-            h = self._run(block, h, emb, num_frames)
+            h = self._run(block, h, emb, num_frames, ctx)
 
         h = self.out_conv(F.silu(self.out_norm(h)))  # [(B T), C, h, w]
         return rearrange(h, "(b t) c h w -> b c t h w", t=num_frames)

@@ -24,6 +24,7 @@ from accelerate import Accelerator
 
 from autoencoder.model import FrameVAE, weights_hash
 from autoencoder.video import encode_video
+from data.captions import load_captions
 from data.discovery import discover
 from data.encoding import (
     Decoded,
@@ -38,6 +39,7 @@ from data.errors import BadInputError
 from data.shards import ShardError, ShardWriter, finalize, sample_key, sample_members, sidecar_name
 from data.stats import RunningStats
 from data.transforms import to_tensor
+from diffusion.text import TextEncoderError, load_text_encoder
 from scripts.runtime.cli import build_parser, resolve_config, run_main
 from scripts.runtime.config import ConfigError, config_to_dict
 from scripts.runtime.training import limit_cpu_threads
@@ -58,6 +60,10 @@ class EncodeConfig:
     videos_per_shard: int = 0  # 0: samples_per_shard // clips_per_video (// 8 for "all")
     num_workers: int = 2  # decoding processes (--num-workers overrides)
     images: bool = True  # encode the images found in DATA as image shards (T = 1)
+    # a text encoder (hub id or folder, diffusion/text.py): store each caption's token embeddings in
+    # the shards; "": captions as text only (the trainer encodes them with its own encoder)
+    text_encoder: str = ""
+    text_max_length: int = 32
 
     def __post_init__(self):
         if self.clips_per_video != "all" and not (self.clips_per_video.isdigit()):
@@ -102,9 +108,18 @@ class EncodeRunConfig:
 class UnitEncoder:
     """Collects one unit's decoded clips, encodes them in fixed batches and writes its shard."""
 
-    def __init__(self, vae: FrameVAE, cfg: EncodeConfig, device: torch.device):
-        self.vae, self.cfg, self.device = vae, cfg, device
+    def __init__(self, vae: FrameVAE, cfg: EncodeConfig, device: torch.device, text_encoder=None):
+        self.vae, self.cfg, self.device, self.text_encoder = vae, cfg, device, text_encoder
         self.channels = vae.config.latent_channels
+        self._text = {}  # captions -> (embeddings, mask): the clips of one file share them
+
+    def text(self, captions: tuple[str, ...]):
+        if self.text_encoder is None or not captions:
+            return None
+        if captions not in self._text:
+            emb, mask = self.text_encoder.encode(list(captions))
+            self._text = {captions: (emb.half().numpy(), mask.numpy())}
+        return self._text[captions]
 
     def start(self, unit: Unit) -> None:
         self.unit, self.pending, self.samples, self.failures = unit, [], [], []
@@ -134,7 +149,8 @@ class UnitEncoder:
             self.stats.update(m)  # statistics of the stored float16 posterior means
             self.frames += m.shape[1]
             self.latent_shape = list(m.shape)
-            self.samples.append(sample_members(sample_key(spec.relpath, start), m, lv, _meta(spec, result, start, m)))
+            self.samples.append(sample_members(sample_key(spec.relpath, start), m, lv, _meta(spec, result, start, m),
+                                               self.text(spec.captions)))
         self.pending = []
 
     def finish(self, writer: ShardWriter, fingerprint: str) -> dict:
@@ -153,13 +169,14 @@ def _meta(spec: InputSpec, result: Decoded, start: int, mean) -> dict:
         "source": spec.relpath, "kind": spec.kind, "start": start, "stride": stride,
         "fps": None if fps is None else fps / stride, "source_fps": fps, "clip_len": int(mean.shape[1]),
         "orig_size": result.orig_size, "label": spec.label, "label_name": spec.label_name,
-        "latent_shape": list(mean.shape),
+        "latent_shape": list(mean.shape), **({"captions": list(spec.captions)} if spec.captions else {}),
     }  # fmt: skip
 
 
-def encode_units(todo: list[Unit], vae, cfg: EncodeConfig, writer: ShardWriter, device, session: DecodeSession):
+def encode_units(todo: list[Unit], vae, cfg: EncodeConfig, writer: ShardWriter, device, session: DecodeSession,
+                 text_encoder=None):
     """Decode every input of the `todo` units (in order) and write one shard per unit."""
-    enc = UnitEncoder(vae, cfg, device)
+    enc = UnitEncoder(vae, cfg, device, text_encoder)
     order = [(u, spec) for u in todo for spec in u.specs]
     results = session.results([s for _, s in order])
     current, left = None, 0
@@ -178,14 +195,14 @@ def encode_units(todo: list[Unit], vae, cfg: EncodeConfig, writer: ShardWriter, 
         results.close()  # shuts the DataLoader workers down
 
 
-def encode_with_retries(mine: list[Unit], vae, run_cfg, writer: ShardWriter, device) -> None:
+def encode_with_retries(mine: list[Unit], vae, run_cfg, writer: ShardWriter, device, text_encoder=None) -> None:
     """encode_units until done; a dead worker makes its suspect input be decoded alone, then the
     unfinished units restart (finished shards are kept)."""
     session = DecodeSession(run_cfg.encode, run_cfg.synthetic, run_cfg.encode.num_workers)
     while True:
         todo = [u for u in mine if writer.completed(u.kind, u.index, u.fingerprint) is None]
         try:
-            return encode_units(todo, vae, run_cfg.encode, writer, device, session)
+            return encode_units(todo, vae, run_cfg.encode, writer, device, session, text_encoder)
         except RuntimeError:  # raised by DataLoader's SIGCHLD handler wherever the main process was
             if session.dead_worker is None or session.next is None:  # not a decoding crash
                 raise
@@ -224,6 +241,8 @@ def encoding_settings(run: EncodeRunConfig, data: str) -> dict:
     settings.pop("num_workers")  # does not change a single output byte
     settings["videos_per_shard"] = run.encode.inputs_per_video_shard()
     settings["data"] = data
+    if not run.encode.text_encoder:  # as before the keys existed: shards made then stay complete
+        settings.pop("text_encoder"), settings.pop("text_max_length")
     if data == "synthetic":
         settings["synthetic"] = config_to_dict(run.synthetic)
     return settings
@@ -236,13 +255,21 @@ def run(args) -> dict:
     acc = Accelerator()
     limit_cpu_threads(cfg.num_workers, acc.device)
     vae, ae_info = load_autoencoder(args.autoencoder, acc.device)
+    caption_problems = []
     if args.data == "synthetic":
-        specs, class_names = synthetic_specs(run_cfg.synthetic.num_videos)
+        sc = run_cfg.synthetic
+        specs, class_names = synthetic_specs(sc.num_videos, sc.size, sc.seed)
     else:
         items, class_names = discover(args.data)
-        specs = [InputSpec(it.kind, it.relpath, str(it.path), it.label, it.label_name) for it in items]
-        specs = [s for s in specs if cfg.images or s.kind == "video"]
+        items = [it for it in items if cfg.images or it.kind == "video"]
+        found = load_captions(args.data, [it.relpath for it in items])
+        caption_problems = found.problems
+        specs = [InputSpec(it.kind, it.relpath, str(it.path), it.label, it.label_name, captions=found.of(it.relpath))
+                 for it in items]  # fmt: skip
+    text_encoder = load_text_encoder(cfg.text_encoder, cfg.text_max_length, acc.device) if cfg.text_encoder else None
     settings = encoding_settings(run_cfg, args.data)
+    if text_encoder is not None:
+        settings["text_encoder"] = text_encoder.fingerprint()
     units = plan_units(specs, cfg.inputs_per_video_shard(), cfg.samples_per_shard,
                        {**settings, "autoencoder": ae_info["weights_sha256"]})
     writer = ShardWriter(out)
@@ -250,7 +277,7 @@ def run(args) -> dict:
     mine = units[acc.process_index :: acc.num_processes]
     if acc.is_main_process:
         print(f"{len(specs)} inputs in {len(units)} shards; {len(units) - sum(fresh)} complete already", flush=True)
-    encode_with_retries(mine, vae, run_cfg, writer, acc.device)
+    encode_with_retries(mine, vae, run_cfg, writer, acc.device, text_encoder)
     acc.wait_for_everyone()
     summary = {}
     if acc.is_main_process:
@@ -258,9 +285,13 @@ def run(args) -> dict:
         missing = [sidecar_name(u.kind, u.index) for u, side in zip(units, sides) if side is None]
         if missing:
             raise ShardError(f"{out}: units not finished: {', '.join(missing[:5])} (did a process fail?)")
-        manifest = finalize(out, sides, clip_len=cfg.clip_len, autoencoder=ae_info,
-                            encoding=settings, labels=class_names)  # fmt: skip
-        summary = dict(manifest["totals"], seconds=time.perf_counter() - t0)
+        captioned = sum(1 for s in specs if s.captions)
+        text = {"captioned_files": captioned, "caption_problems": len(caption_problems),
+                "text_encoder": text_encoder.fingerprint() if text_encoder else None}
+        manifest = finalize(out, sides, clip_len=cfg.clip_len, autoencoder=ae_info, encoding=settings,
+                            labels=class_names, caption_problems=caption_problems,
+                            text=text if captioned or caption_problems else None)  # fmt: skip
+        summary = dict(manifest["totals"], seconds=time.perf_counter() - t0, caption_problems=len(caption_problems))
         ran = [(u, side) for u, side, new in zip(units, sides, fresh) if new]
         summary["run_clips"] = sum(side["samples"] for u, side in ran if u.kind == "video")
         summary["run_frames"] = sum(side["frames"] for _, side in ran)
@@ -281,10 +312,13 @@ def print_summary(s: dict, out: Path) -> None:
     )
     if s["failures"]:
         print(f"skipped inputs and reasons: {out / 'failures.jsonl'}", flush=True)
+    if s.get("caption_problems"):
+        print(f"{s['caption_problems']} caption problems (files without a caption, captions naming no file; "
+              f"stage 'caption' in {out / 'failures.jsonl'})", flush=True)
 
 
 def main(argv=None) -> int:
-    return run_main(lambda: run(parse_args(argv)), (BadInputError, ShardError))
+    return run_main(lambda: run(parse_args(argv)), (BadInputError, ShardError, TextEncoderError))
 
 
 if __name__ == "__main__":

@@ -3,11 +3,12 @@ autoencoder is known, decoded video files.
 
     python -m scripts.sample --checkpoint runs/diffusion/export --num-samples 8 --frames 16 --output-dir samples/
     python -m scripts.sample --checkpoint runs/diffusion/export --init-video clip.mp4 --known-frames 4 --frames 24 --output-dir pred/
+    python -m scripts.sample --checkpoint runs/demo/diffusion/export --prompt "a red circle moves to the left" --output-dir txt/
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -37,6 +38,8 @@ class SampleConfig:
     formats: list[str] = field(default_factory=lambda: ["mp4"])
     upscale: int = 1  # nearest-neighbour upscaling of written videos (small demo frames)
     device: str = "auto"
+    prompt_file: str = ""  # text models: one prompt per line (with --prompt: the --prompt ones first)
+    negative_prompt: str = ""  # replaces the null text in classifier-free guidance
 
 
 FLAGS = {"checkpoint": str, "num_samples": int, "frames": int, "classes": str, "guidance_scale": float,
@@ -50,13 +53,41 @@ def parse_args(argv):
     for name in FLAGS:
         p.add_argument("--" + name.replace("_", "-"), dest=name, default=None, help=f"sets {name}")
     p.add_argument("--format", dest="formats", default=None, help="mp4,gif,png (comma separated)")
+    p.add_argument("--prompt", dest="prompt", action="append", default=[],
+                   help="text models: a prompt (repeatable; cycled over --num-samples)")
+    p.add_argument("--prompts", dest="prompt_file", default=None, help="text models: a file with one prompt per line")
+    p.add_argument("--negative-prompt", dest="negative_prompt", default=None,
+                   help="text models: replaces the null text in classifier-free guidance")
     args = p.parse_args(argv)
-    args.overrides = [f"{k}={v}" for k in FLAGS if (v := getattr(args, k)) is not None] + args.overrides
+    args.overrides = [f"{k}={v}" for k in (*FLAGS, "prompt_file") if (v := getattr(args, k)) is not None] + args.overrides
     return args
 
 
+def read_prompts(cfg: SampleConfig, given: list[str], has_text: bool) -> list[str]:
+    """The prompts of this run (--prompt ones, then the file's non-empty lines); errors when a text
+    model gets none or a model without text gets some."""
+    prompts = [p.strip() for p in given if p.strip()]
+    if cfg.prompt_file:
+        try:
+            text = Path(cfg.prompt_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"--prompts {cfg.prompt_file}: cannot read it as UTF-8 text ({e})") from None
+        prompts += [line.strip() for line in text.splitlines() if line.strip()]
+    if has_text and not prompts:
+        raise ConfigError("this model is text-conditioned: pass --prompt TEXT (repeatable) or --prompts FILE")
+    if not has_text and (prompts or cfg.negative_prompt):
+        raise ConfigError("this model has no text conditioning: drop --prompt / --prompts / --negative-prompt")
+    return prompts
+
+
+def slug(text: str, limit: int = 48) -> str:
+    """A readable file-name part: 'a red circle moves to the left' -> 'a-red-circle-moves-to-the-left'."""
+    out = "".join(c if c.isalnum() else "-" for c in text.lower())
+    return "-".join(filter(None, out.split("-")))[:limit].strip("-") or "prompt"
+
+
 def main(argv=None) -> int:
-    return run_main(lambda: run(parse_args(argv)), (ValueError, FileNotFoundError))
+    return run_main(lambda: run(parse_args(argv)), (ValueError, FileNotFoundError))  # TextEncoderError is a ValueError
 
 
 def pick_device(name: str) -> torch.device:
@@ -124,7 +155,7 @@ def encode_init_video(cfg, vae, meta, device) -> torch.Tensor:
 
 def run(args) -> list[Path]:
     from data.stats import un_whiten
-    from scripts.runtime.export import load_diffusion_export
+    from scripts.runtime.export import load_diffusion_export, load_export_text_encoder
     from scripts.runtime.generation import (
         decode_to_uint8,
         generate,
@@ -133,14 +164,23 @@ def run(args) -> list[Path]:
     )
 
     cfg = resolve_config(SampleConfig, args)
+    if args.negative_prompt is not None:  # taken verbatim (not through YAML like other overrides)
+        cfg = replace(cfg, negative_prompt=args.negative_prompt)
     if not cfg.checkpoint:
         raise ConfigError("pass --checkpoint DIR (a diffusion export folder)")
     out = Path(args.output_dir)
     device = pick_device(cfg.device)
     model, meta = load_diffusion_export(Path(cfg.checkpoint), map_location=device)
     unet_cfg, diff_cfg, lat = meta["unet_config"], meta["diffusion_config"], meta["latent"]
-    names = meta.get("class_names") or []
+    names = (meta.get("class_names") or []) if unet_cfg.num_classes else []  # trained without labels: none
     labels = resolve_labels(cfg, names)
+    prompts = read_prompts(cfg, args.prompt, bool(unet_cfg.text_dim))
+    texts, text, negative = [None] * cfg.num_samples, None, None
+    if prompts:
+        encoder = load_export_text_encoder(Path(cfg.checkpoint), meta)
+        texts = [prompts[i % len(prompts)] for i in range(cfg.num_samples)]
+        text = encoder.encode(texts)
+        negative = encoder.encode([cfg.negative_prompt]) if cfg.negative_prompt else None
     vae, vae_path = find_autoencoder(cfg, meta)
     known = None
     if cfg.init_video:
@@ -152,15 +192,16 @@ def run(args) -> list[Path]:
                        labels=labels, guidance_scale=cfg.guidance_scale, sampler=cfg.sampler, steps=cfg.steps,
                        eta=cfg.eta, seed=cfg.seed, batch_size=cfg.batch_size, window=window, overlap=cfg.overlap or None,
                        known=known, method=method, guidance_weight=cfg.guidance_weight, device=device,
-                       progress=True)
+                       progress=True, text=text, negative_text=negative)
     fps = lat.get("fps") or 8.0
     written = []
     for i in range(cfg.num_samples):
-        name = f"sample-{i:03d}" + (f"-{names[labels[i]]}" if labels else "")
+        name = f"sample-{i:03d}" + (f"-{names[labels[i]]}" if labels else "") + (f"-{slug(texts[i])}" if texts[i] else "")
         info = {"stats": lat.get("stats"), "autoencoder_sha256": (meta.get("autoencoder") or {}).get("weights_sha256"),
                 "fps": fps, "label": labels[i] if labels else None, "label_name": names[labels[i]] if labels else None,
                 "frames": frames, "known_frames": cfg.known_frames if known is not None else 0,
-                "diffusion_export": str(Path(cfg.checkpoint).resolve()), "seed": cfg.seed}
+                "diffusion_export": str(Path(cfg.checkpoint).resolve()), "seed": cfg.seed,
+                **({"prompt": texts[i], "negative_prompt": cfg.negative_prompt or None} if texts[i] else {})}
         written.append(save_latent_file(out / f"{name}.safetensors", latents[i], info))
     if vae is not None:
         videos = decode_to_uint8(vae.to(device), un_whiten(latents, lat.get("stats")), device=device)

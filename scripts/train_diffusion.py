@@ -20,9 +20,10 @@ from autoencoder.model import weights_hash
 from data.errors import BadInputError
 from data.latents import make_training_batches
 from data.shards import ShardError, load_manifest
-from diffusion.conditioning import drop_labels, image_frames, training_frame_masks
+from diffusion.conditioning import drop_labels, drop_text, image_frames, training_frame_masks
 from diffusion.config import DiffusionConfig, UNetConfig
 from diffusion.process import GaussianDiffusion
+from diffusion.text import TextConfig, TextEncoderError, check_same_encoder, load_text_encoder
 from diffusion.unet3d import UNet3D
 from scripts.runtime import training as rt
 from scripts.runtime.checkpoint import CheckpointError
@@ -47,6 +48,7 @@ class DiffDataConfig:
 @dataclass
 class CondConfig:
     class_dropout: float = 0.1  # labels replaced by the null label, for classifier-free guidance
+    text_dropout: float = 0.1  # captions replaced by the null text (drawn with the labels' draw)
     frame_cond_prob: float = 0.3  # clips that get some frames given (prediction / extension)
     frame_cond_prefix_prob: float = 0.7  # of those: a prefix (else a random subset) is given
 
@@ -59,6 +61,7 @@ class SampleEveryConfig:
     sampler: str = "dpmpp_2m"
     guidance_scale: float = 1.0
     autoencoder: str = ""  # an exported VAE to decode samples to mp4/PNG (optional)
+    prompts: list[str] = field(default_factory=list)  # text models: cycled over the samples
 
 
 @dataclass
@@ -70,6 +73,7 @@ class DiffusionRunConfig:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     data: DiffDataConfig = field(default_factory=DiffDataConfig)
     cond: CondConfig = field(default_factory=CondConfig)
+    text: TextConfig = field(default_factory=TextConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleEveryConfig = field(default_factory=SampleEveryConfig)
 
@@ -77,17 +81,53 @@ class DiffusionRunConfig:
 def main(argv=None) -> int:
     args = parse_training_args(argv, __doc__.split("\n")[0], "python -m scripts.train_diffusion", "--shards",
                                 "data.shards", "folder written by encode_latents (sets data.shards)")
-    errors = (BadInputError, ShardError, CheckpointError, rt.TrainingStopped, ValueError)
+    errors = (BadInputError, ShardError, CheckpointError, rt.TrainingStopped, ValueError, TextEncoderError)
     return run_logged_main(lambda: train(args), errors)
 
 
-def resolve_model_config(cfg: DiffusionRunConfig, manifest: dict) -> DiffusionRunConfig:
-    """Fill in what the shards decide: latent channels and the number of classes."""
+def resolve_model_config(cfg: DiffusionRunConfig, manifest: dict, text_encoder=None) -> DiffusionRunConfig:
+    """Fill in what the shards (and the text encoder) decide: latent channels, the number of
+    classes and the text width."""
     if not cfg.data.shards:
         raise ConfigError("no shards given: pass --shards DIR (a folder written by encode_latents)")
     channels = manifest["latent_shape"][0]
     classes = len(manifest.get("labels") or []) if cfg.data.class_conditional else 0
-    return replace(cfg, model=replace(cfg.model, in_channels=channels, num_classes=classes))
+    width = text_encoder.width if text_encoder is not None else 0
+    return replace(cfg, model=replace(cfg.model, in_channels=channels, num_classes=classes, text_dim=width))
+
+
+def open_text_encoder(cfg, manifest: dict, device):
+    """The frozen text encoder of a text-conditioned run (text.encoder set), checked against the
+    shards: they must hold captions, and caption embeddings stored in them must come from it."""
+    if not cfg.text.encoder:
+        return None
+    text = manifest.get("text") or {}
+    if not text.get("captioned_files"):
+        raise ShardError(f"{cfg.data.shards}: text.encoder is set but the shards hold no captions "
+                         "(caption the data: NAME.txt sidecars, captions.csv or captions.jsonl; then re-encode)")
+    enc = load_text_encoder(cfg.text.encoder, cfg.text.max_length, device)
+    check_same_encoder(enc.fingerprint(), text.get("text_encoder"), f"{Path(cfg.data.shards) / 'manifest.json'}: the shards")
+    return enc
+
+
+class CaptionText:
+    """Text inputs of a batch: the shards' caption embeddings, or the captions encoded here (cached
+    per caption); samples without a caption get the null text (mask all False)."""
+
+    def __init__(self, encoder):
+        self.encoder, self.cache = encoder, {}
+
+    def __call__(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        if "text" in batch:
+            return batch["text"], batch["text_mask"]
+        missing = [c for c in dict.fromkeys(batch["caption"]) if c is not None and c not in self.cache]
+        if missing:
+            for c, e, m in zip(missing, *self.encoder.encode(missing)):
+                self.cache[c] = (e, m)
+        length, width = self.encoder.max_length, self.encoder.width
+        blank = (torch.zeros(length, width), torch.zeros(length, dtype=torch.bool))
+        pairs = [self.cache[c] if c is not None else blank for c in batch["caption"]]
+        return torch.stack([e for e, _ in pairs]), torch.stack([m for _, m in pairs])
 
 
 def make_batches(cfg, rank: int, world_size: int, autoencoder_hash: str | None):
@@ -113,11 +153,13 @@ def train(args) -> None:
     out = Path(args.output_dir)
     cfg = resolve_config(DiffusionRunConfig, args, write=False)
     manifest = load_manifest(cfg.data.shards) if cfg.data.shards else {}
-    cfg = resolve_model_config(cfg, manifest)
     tc = cfg.train
     acc = rt.make_accelerator(tc, out)
     device = acc.device
     rt.limit_cpu_threads(tc.num_workers, device)
+    text_encoder = open_text_encoder(cfg, manifest, "cpu")  # frozen; CPU, it runs once per caption
+    cfg = resolve_model_config(cfg, manifest, text_encoder)
+    text = CaptionText(text_encoder) if text_encoder is not None else None
 
     rt.seed_init(tc.seed)  # initial weights depend on the seed only (same on every run and rank)
     model = UNet3D(cfg.model)
@@ -136,7 +178,7 @@ def train(args) -> None:
         vb, ib = batch
         debug.keys.write({"step": step + 1, "epoch": batches.epoch, "keys": vb["key"]})
         fps = fps or vb["meta"][0].get("fps")
-        logs = train_step(acc, model, diffusion, opt, sched, guard, cfg, vb, ib, step)
+        logs = train_step(acc, model, diffusion, opt, sched, guard, cfg, vb, ib, step, text)
         if logs is not None and debug.hashes.enabled:
             debug.hashes.write({"step": step + 1, "sha256": rt.param_hash(raw)})
         return logs
@@ -146,22 +188,24 @@ def train(args) -> None:
         quality = periodic_samples(ema.averaged_model(raw).to(device), cfg.model, cfg.diffusion, manifest,
                                    cfg.data.shards, out / "samples", step=step, num=s.num, steps=s.steps,
                                    sampler=s.sampler, guidance_scale=s.guidance_scale,
-                                   autoencoder=s.autoencoder or None, seed=tc.seed, fps=fps, device=device)
+                                   autoencoder=s.autoencoder or None, seed=tc.seed, fps=fps, device=device,
+                                   text_encoder=text_encoder, prompts=s.prompts)
         if quality is not None:
             rt.MetricsLog(out / "metrics.jsonl").write(quality)
 
     def export():
         save_diffusion_export(out / "export", ema.averaged_model(raw).cpu(), cfg.model, cfg.diffusion, manifest,
-                              Path(cfg.data.shards), fps=fps)
+                              Path(cfg.data.shards), fps=fps, text_encoder=text_encoder)
 
     task = Task(name="diffusion", model=raw, ema=ema, guard=guard, batches=batches, step=step, export=export,
                 optimizers={"optimizer": opt}, schedulers={"scheduler": sched},
-                configs={"model_config": cfg.model.to_dict(), "diffusion_config": cfg.diffusion.to_dict()},
+                configs={"model_config": cfg.model.to_dict(), "diffusion_config": cfg.diffusion.to_dict(),
+                         **({"text_encoder": text_encoder.fingerprint()} if text_encoder else {})},
                 periodic=[Periodic(cfg.sample.every, samples)], logs=[debug.hashes, debug.keys])
     run_training(acc, task, cfg, out)
 
 
-def train_step(acc, model, diffusion, opt, sched, guard, cfg, vb, ib, step):
+def train_step(acc, model, diffusion, opt, sched, guard, cfg, vb, ib, step, text=None):
     """One micro-batch of B clips + B_img images. The image pass runs first under no_sync, so its
     gradient is summed locally and all-reduced once with the video pass (DDP-safe even though
     images leave the temporal parameters unused). Returns logs on an optimizer step."""
@@ -175,9 +219,9 @@ def train_step(acc, model, diffusion, opt, sched, guard, cfg, vb, ib, step):
     with acc.accumulate(model):
         if ib is not None:
             x_img = image_frames(ib["latent"], g).to(device)  # [B_img,C,1,h,w]
-            labels = drop_labels(ib["label"], cfg.model.num_classes, cc.class_dropout, g)
             with acc.no_sync(model), acc.autocast():
-                out = diffusion.training_losses(model, x_img, model_kwargs=_kw(labels, device), generator=g)
+                out = diffusion.training_losses(model, x_img, model_kwargs=_conditions(ib, cfg, g, text, device),
+                                                generator=g)
                 loss_img = out["loss"].sum() / total
             acc.backward(_poison(loss_img, step + 1))
             logs["loss_image"] = out["loss"].mean().item()
@@ -185,8 +229,7 @@ def train_step(acc, model, diffusion, opt, sched, guard, cfg, vb, ib, step):
         if cfg.model.frame_conditioning:
             cond_mask, loss_mask = training_frame_masks(x_vid, cc.frame_cond_prob, cc.frame_cond_prefix_prob, g)
             kwargs.update(cond_frames=x_vid * cond_mask, cond_mask=cond_mask)
-        labels = drop_labels(vb["label"], cfg.model.num_classes, cc.class_dropout, g)
-        kwargs.update(_kw(labels, device))
+        kwargs.update(_conditions(vb, cfg, g, text, device))
         with acc.autocast():
             out = diffusion.training_losses(model, x_vid, model_kwargs=kwargs, frame_mask=loss_mask, generator=g)
             loss_vid = out["loss"].sum() / total
@@ -202,8 +245,21 @@ def train_step(acc, model, diffusion, opt, sched, guard, cfg, vb, ib, step):
     return {"loss": loss, "grad_norm": norm, "skipped": int(not ok), **logs}
 
 
-def _kw(labels, device):
-    return {} if labels is None else {"class_labels": labels.to(device)}
+def _conditions(batch, cfg, g, text, device) -> dict:
+    """Class labels and text of a batch with classifier-free-guidance dropout: one uniform draw
+    per sample decides both (labels below cond.class_dropout, text below cond.text_dropout). A
+    model without text draws exactly as before text existed."""
+    cc, nc = cfg.cond, cfg.model.num_classes
+    if text is None:
+        labels = drop_labels(batch["label"], nc, cc.class_dropout, g)
+        return {} if labels is None else {"class_labels": labels.to(device)}
+    u = torch.rand(batch["label"].shape, generator=g)
+    kwargs = {}
+    if nc:
+        kwargs["class_labels"] = drop_labels(batch["label"], nc, cc.class_dropout, u=u).to(device)
+    tokens, mask = text(batch)
+    kwargs["text"], kwargs["text_mask"] = tokens.to(device), drop_text(mask, cc.text_dropout, u).to(device)
+    return kwargs
 
 
 def _poison(loss, step):

@@ -15,13 +15,17 @@ from data.stats import load_stats
 from diffusion.config import DiffusionConfig, UNetConfig
 from diffusion.unet3d import UNet3D
 
+TEXT_ENCODER_DIR = "text_encoder"
 MODEL_TYPE = "UNet3D"
 FORMAT_VERSION = 1
 
 
 def save_diffusion_export(folder: Path, model: UNet3D, unet_cfg: UNetConfig, diff_cfg: DiffusionConfig,
-                          manifest: dict, shards: Path | None = None, fps: float | None = None) -> Path:
-    """Write the export with `data.files.write_export` (the old export stays whole until the new one is)."""
+                          manifest: dict, shards: Path | None = None, fps: float | None = None,
+                          text_encoder=None) -> Path:
+    """Write the export with `data.files.write_export` (the old export stays whole until the new one is).
+    A text-conditioned model's encoder (a `FrozenTextEncoder`) is saved in it as `text_encoder/`, and
+    its fingerprint recorded, so sampling encodes prompts exactly as training did."""
     meta = {
         "format_version": FORMAT_VERSION,
         "unet": unet_cfg.to_dict(),
@@ -36,7 +40,27 @@ def save_diffusion_export(folder: Path, model: UNet3D, unet_cfg: UNetConfig, dif
         "autoencoder": manifest.get("autoencoder") or {},
         "shards": str(Path(shards).resolve()) if shards else None,
     }
-    return write_export(folder, model.state_dict(), meta, MODEL_TYPE)
+    extras = None
+    if text_encoder is not None:
+        meta["text_encoder"] = text_encoder.fingerprint()
+        extras = {TEXT_ENCODER_DIR: text_encoder.save}
+    return write_export(folder, model.state_dict(), meta, MODEL_TYPE, extras)
+
+
+def load_export_text_encoder(folder: Path, meta: dict, device="cpu"):
+    """The export's own text encoder (None for a model without text); an error if the folder was
+    replaced by another encoder than the one recorded."""
+    from diffusion.text import TextEncoderError, check_same_encoder, load_text_encoder
+
+    recorded = meta.get("text_encoder")
+    if not recorded:
+        return None
+    path = Path(folder) / TEXT_ENCODER_DIR
+    if not path.is_dir():
+        raise TextEncoderError(f"{folder}: the model is text-conditioned but {TEXT_ENCODER_DIR}/ is missing")
+    enc = load_text_encoder(str(path), recorded["max_length"], device=device)
+    check_same_encoder(recorded, enc.fingerprint(), f"{path} (replaced?): the export")
+    return enc
 
 
 def read_export_meta(folder: Path) -> dict:

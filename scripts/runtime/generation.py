@@ -36,8 +36,12 @@ def alphas_for(diff_cfg) -> torch.Tensor:
 def generate(model, unet_cfg, diff_cfg, *, num: int, frames: int, latent_shape, labels=None,
              guidance_scale: float = 1.0, sampler: str = "dpmpp_2m", steps: int = 25, eta: float = 0.0, seed: int = 0,
              batch_size: int = 8, window: int | None = None, overlap: int | None = None, known=None,
-             method: str = "condition", guidance_weight: float = 2.0, device="cpu", progress=False) -> torch.Tensor:
+             method: str = "condition", guidance_weight: float = 2.0, device="cpu", progress=False,
+             text=None, negative_text=None) -> torch.Tensor:
     """Whitened latents [num, C, frames, h, w].
+
+    `text`: (tokens [num, L, D], mask [num, L]) of each sample's prompt for a text-conditioned
+    model; `negative_text` (tokens [1, L, D], mask [1, L]) replaces the null text in guidance.
 
     Clips longer than `window` (the training clip length), or with `known` frames
     [num, C, K, h, w] given, are generated autoregressively in windows that overlap by `overlap`
@@ -56,14 +60,17 @@ def generate(model, unet_cfg, diff_cfg, *, num: int, frames: int, latent_shape, 
     for start in range(0, num, batch_size):
         n = min(batch_size, num - start)
         g = torch.Generator(device="cpu").manual_seed(seed + start)
-        lab = None if labels is None else torch.as_tensor(labels[start : start + n], dtype=torch.long, device=device)
+        lab = None if labels is None or not unet_cfg.num_classes else torch.as_tensor(labels[start : start + n], dtype=torch.long, device=device)
         kn = (known[start : start + n] if known is not None else torch.zeros(n, c, 0, h, w)).to(device)
+        txt = None if text is None else {"text": text[0][start : start + n].to(device),
+                                         "text_mask": text[1][start : start + n].to(device)}
 
-        def sample_fn(context, mask, lab=lab, g=g, n=n):
-            cond = {} if lab is None else {"class_labels": lab}
+        def sample_fn(context, mask, lab=lab, g=g, n=n, txt=txt):
+            cond = ({} if lab is None else {"class_labels": lab}) | (txt or {})
             net = model
-            if unet_cfg.num_classes and lab is not None and guidance_scale != 1.0:
-                net = classifier_free_guidance(model, guidance_scale, null_label=unet_cfg.num_classes)
+            if ((unet_cfg.num_classes and lab is not None) or txt) and guidance_scale != 1.0:
+                net = classifier_free_guidance(model, guidance_scale, null_label=unet_cfg.num_classes or None,
+                                               negative_text=negative_text)
             if method == "reconstruction" and mask.any():
                 net = reconstruction_guided(net, context, mask, ab, diff_cfg.prediction, guidance_weight)
             if unet_cfg.frame_conditioning:
@@ -132,18 +139,23 @@ def write_outputs(frames: np.ndarray, stem: Path, fps: float, formats=("mp4",), 
 def sample_and_save(model, unet_cfg, diff_cfg, *, latent_shape, frames: int, class_names: list[str],
                     stats: dict | None, fps: float, out_dir: Path, tag: str, num: int, steps: int, sampler: str,
                     guidance_scale: float, autoencoder: str | None, seed: int,
-                    autoencoder_sha256: str | None = None) -> tuple[list[Path], np.ndarray | None]:
+                    autoencoder_sha256: str | None = None, text_encoder=None,
+                    prompts=()) -> tuple[list[Path], np.ndarray | None]:
     """Periodic samples during training: latent files (recording the shards' autoencoder hash, so
     decode_latents can refuse another VAE), and mp4 + PNG strip when a VAE is given.
     Returns (paths written, decoded uint8 frames [N,T,H,W,3] or None without a VAE)."""
     device = next(model.parameters()).device
     labels = [i % len(class_names) for i in range(num)] if unet_cfg.num_classes else None
+    texts, text = [None] * num, None
+    if text_encoder is not None and prompts:
+        texts = [prompts[i % len(prompts)] for i in range(num)]
+        text = text_encoder.encode(texts)
     lat = generate(model, unet_cfg, diff_cfg, num=num, frames=frames, latent_shape=latent_shape, labels=labels,
-                   guidance_scale=guidance_scale, sampler=sampler, steps=steps, seed=seed, device=device)
+                   guidance_scale=guidance_scale, sampler=sampler, steps=steps, seed=seed, device=device, text=text)
     paths, frames_u8 = [], None
     for i in range(num):
         meta = {"stats": stats, "autoencoder_sha256": autoencoder_sha256, "fps": fps, "label": labels[i] if labels else None,
-                "label_name": class_names[labels[i]] if labels else None}
+                "label_name": class_names[labels[i]] if labels else None, **({"prompt": texts[i]} if texts[i] else {})}
         paths.append(save_latent_file(Path(out_dir) / f"{tag}-{i:03d}.safetensors", lat[i], meta))
     if autoencoder:
         from autoencoder.model import FrameVAE
@@ -185,7 +197,7 @@ def sample_quality(samples_u8, shards, autoencoder: str, *, num_reference: int =
 
 def periodic_samples(model, unet_cfg, diff_cfg, manifest: dict, shards, out_dir: Path, *, step: int, num: int,
                      steps: int, sampler: str, guidance_scale: float, autoencoder: str | None, seed: int,
-                     fps: float | None, device) -> dict | None:
+                     fps: float | None, device, text_encoder=None, prompts=()) -> dict | None:
     """Stage 2's periodic samples (`sample.every`): latents (and, with an autoencoder, videos) in
     `out_dir` tagged with the step; with an autoencoder, also a `"split": "sample"` metrics row of
     what a person would see: objects whole, in the data's colours, constant, moving like the data."""
@@ -194,7 +206,8 @@ def periodic_samples(model, unet_cfg, diff_cfg, manifest: dict, shards, out_dir:
                                 stats=load_stats(shards).to_dict(), fps=fps or 8.0, out_dir=out_dir,
                                 tag=f"step{step:07d}", num=num, steps=steps, sampler=sampler,
                                 guidance_scale=guidance_scale, autoencoder=autoencoder, seed=seed,
-                                autoencoder_sha256=(manifest.get("autoencoder") or {}).get("weights_sha256"))
+                                autoencoder_sha256=(manifest.get("autoencoder") or {}).get("weights_sha256"),
+                                text_encoder=text_encoder, prompts=prompts)
     if frames is None:
         return None
     return {"step": step, "split": "sample", **sample_quality(frames, shards, autoencoder, device=device)}

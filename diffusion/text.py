@@ -1,0 +1,162 @@
+"""Frozen text encoders for text-to-video: a Hugging Face `transformers` T5 encoder or CLIP text model,
+named by a hub id or a local folder, with its tokenizer and a fixed token length.
+
+    enc = load_text_encoder("google/t5-v1_1-base", max_length=32)   # or a local folder
+    emb, mask = enc.encode(["a red circle moves to the left"])      # [N, L, D] float32, [N, L] bool
+
+Weights are read from safetensors only (`use_safetensors=True`: a folder holding only pickled
+`pytorch_model.bin` weights is refused, keeping the project's no-pickle rule). `fingerprint()`
+(name, model type, config, weights sha256, width, max length) goes into the shard manifest and the
+diffusion export; `check_same_encoder` turns a mismatch into a clear error.
+
+Tests and the demo never download: `build_tiny_text_encoder` writes a small seeded T5 encoder with
+ByT5's byte-level tokenizer (no vocabulary file) to a folder, which then loads like any other."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+FINGERPRINT_FILE = "lvd_text_encoder.json"  # written beside the weights by `save`
+T5_TYPES = ("t5", "mt5", "umt5")
+CLIP_TYPES = ("clip", "clip_text_model")
+
+
+class TextEncoderError(ValueError):
+    """The text encoder cannot be loaded, or is not the one the shards / export were made with."""
+
+
+@dataclass
+class TextConfig:
+    """The `text` section of stage-2 configs: which encoder conditions the model ("" = no text)."""
+
+    encoder: str = ""  # a Hugging Face hub id or a local folder (config.json + safetensors + tokenizer)
+    max_length: int = 32  # tokens per caption (padded / truncated)
+
+
+def _weights_sha256(model: torch.nn.Module) -> str:
+    """sha256 over the state dict (sorted names, dtype, shape, bytes): the same for a hub copy and a
+    saved folder of the same weights."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _jsonable(config: dict) -> dict:
+    drop = {"transformers_version", "_name_or_path", "torch_dtype", "dtype", "architectures", "_attn_implementation_autoset"}
+    return {k: v for k, v in sorted(config.items()) if k not in drop and isinstance(v, (int, float, str, bool, list, type(None)))}
+
+
+class FrozenTextEncoder:
+    """A loaded encoder in eval mode with no gradients; `encode` pads every caption to max_length."""
+
+    def __init__(self, model, tokenizer, name: str, max_length: int):
+        self.model, self.tokenizer, self.name, self.max_length = model.eval().requires_grad_(False), tokenizer, name, max_length
+        cfg = model.config
+        self.model_type = cfg.model_type
+        self.width = int(getattr(cfg, "d_model", None) or cfg.hidden_size)
+        self._sha = _weights_sha256(model)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def to(self, device) -> FrozenTextEncoder:
+        self.model.to(device)
+        return self
+
+    @torch.no_grad()
+    def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token embeddings [N, max_length, width] float32 and the token mask [N, max_length] bool."""
+        if isinstance(texts, str):
+            texts = [texts]
+        tok = self.tokenizer(list(texts), padding="max_length", max_length=self.max_length, truncation=True,
+                             return_tensors="pt")
+        ids, mask = tok["input_ids"].to(self.device), tok["attention_mask"].to(self.device)
+        out = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        return out.float().cpu(), mask.bool().cpu()
+
+    def fingerprint(self) -> dict:
+        return {"name": self.name, "model_type": self.model_type, "config": _jsonable(self.model.config.to_dict()),
+                "weights_sha256": self._sha, "width": self.width, "max_length": self.max_length}
+
+    def save(self, folder) -> Path:
+        """The encoder as a loadable folder (safetensors + tokenizer + fingerprint), e.g. in an export."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(folder, safe_serialization=True)
+        self.tokenizer.save_pretrained(folder)
+        (folder / FINGERPRINT_FILE).write_text(json.dumps(self.fingerprint(), indent=2, sort_keys=True))
+        return folder
+
+
+def load_text_encoder(name: str, max_length: int = 32, device="cpu") -> FrozenTextEncoder:
+    """A T5 encoder or CLIP text model from a local folder or the Hugging Face hub (hub ids are
+    downloaded once into the Hugging Face cache; set HF_HUB_OFFLINE=1 to forbid it)."""
+    if not name:
+        raise TextEncoderError("no text encoder named (text.encoder is empty)")
+    if max_length < 1:
+        raise TextEncoderError(f"text.max_length must be >= 1, got {max_length}")
+    from transformers import AutoConfig, AutoTokenizer, CLIPTextModel, T5EncoderModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    local = Path(name).is_dir()
+    where = f"folder {name}" if local else f"hub id {name!r}"
+    try:
+        config = AutoConfig.from_pretrained(name, local_files_only=local)
+    except (OSError, ValueError) as e:
+        hint = "" if local else " (not a local folder; a hub id needs the network or the Hugging Face cache)"
+        raise TextEncoderError(f"text encoder {where}: cannot read its config{hint}: {e}") from None
+    if config.model_type in T5_TYPES:
+        cls = T5EncoderModel
+    elif config.model_type in CLIP_TYPES:
+        cls = CLIPTextModel
+    else:
+        raise TextEncoderError(f"text encoder {where}: model type {config.model_type!r} is not supported "
+                               f"(use a T5 encoder or a CLIP text model)")
+    try:
+        model = cls.from_pretrained(name, local_files_only=local, use_safetensors=True)
+        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local)
+    except (OSError, ValueError) as e:
+        raise TextEncoderError(f"text encoder {where}: cannot load weights (safetensors only) or tokenizer: {e}") from None
+    return FrozenTextEncoder(model, tokenizer, name, max_length).to(device)
+
+
+def build_tiny_text_encoder(folder, *, width: int = 64, layers: int = 2, heads: int = 4, seed: int = 0,
+                            max_length: int = 32) -> FrozenTextEncoder:
+    """A small random T5 encoder (seeded) with ByT5's byte-level tokenizer, saved to `folder`: the
+    tests' and the demo's stand-in for a pretrained encoder (nothing is downloaded)."""
+    from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    config = T5Config(vocab_size=384, d_model=width, d_kv=width // heads, d_ff=2 * width, num_layers=layers,
+                      num_heads=heads, feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1,
+                      decoder_start_token_id=0, is_encoder_decoder=False, use_cache=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = T5EncoderModel(config)
+    enc = FrozenTextEncoder(model, ByT5Tokenizer(), str(folder), max_length)
+    enc.save(folder)
+    return load_text_encoder(str(folder), max_length)
+
+
+def check_same_encoder(expected: dict | None, found: dict | None, what: str) -> None:
+    """A clear error when `found` (e.g. the manifest's encoder) is not `expected` (the configured one):
+    the weights hash decides; names may differ (a hub id and its downloaded folder are the same)."""
+    if not expected or not found:
+        return
+    for key in ("weights_sha256", "width", "max_length"):
+        if expected.get(key) != found.get(key):
+            raise TextEncoderError(
+                f"{what} used text encoder {found.get('name')!r} ({key} {str(found.get(key))[:16]}), but this run's is "
+                f"{expected.get('name')!r} ({key} {str(expected.get(key))[:16]}): use the same encoder (text.encoder, "
+                f"text.max_length) or re-encode")

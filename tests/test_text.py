@@ -1,0 +1,195 @@
+"""Text-to-video: the frozen encoder, embeddings in shards, cross-attention, text dropout, guidance on
+text, prompts at sampling time and the encoder checks (issue 14)."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from data.latents import make_latent_loader
+from diffusion.config import UNetConfig
+from diffusion.sampling import classifier_free_guidance
+from diffusion.text import TextEncoderError, build_tiny_text_encoder, load_text_encoder
+from diffusion.unet3d import UNet3D
+from tests.helpers import AE_TINY, DIFF_TINY, ENCODE_DEMO, run_script
+
+TEXT_ARGS = ["text.max_length=16", "data.class_conditional=false"]
+
+
+@pytest.fixture(scope="module")
+def text_run(tmp_path_factory):
+    """Captioned synthetic videos -> tiny VAE -> shards with caption embeddings -> a 3-step text model."""
+    from scripts import encode_latents, make_synthetic, train_autoencoder, train_diffusion
+
+    root = tmp_path_factory.mktemp("text")
+    enc = build_tiny_text_encoder(root / "te", width=32, layers=1, heads=2, max_length=16)
+    data, vae, shards, diff = root / "data", root / "vae", root / "shards", root / "diff"
+    assert make_synthetic.main(["--output-dir", str(data), "--num-videos", "6", "--frames", "8", "--size", "32"]) == 0
+    (data / "captions.jsonl").write_text(json.dumps({"path": "gone/x.mp4", "caption": "a missing file"}) + "\n")
+    assert train_autoencoder.main(["--config", str(AE_TINY), "--data", str(data), "--output-dir", str(vae),
+                                   "--max-steps", "1", "data.frames_per_video=2"]) == 0  # fmt: skip
+    assert encode_latents.main(["--autoencoder", str(vae / "export"), "--data", str(data), "--output-dir", str(shards),
+                                "--config", str(ENCODE_DEMO), "encode.num_workers=0", "encode.clip_len=4",
+                                f"encode.text_encoder={root / 'te'}", "encode.text_max_length=16"]) == 0  # fmt: skip
+    assert train_diffusion.main(["--config", str(DIFF_TINY), "--shards", str(shards), "--output-dir", str(diff),
+                                 "--max-steps", "2", f"text.encoder={root / 'te'}", *TEXT_ARGS]) == 0  # fmt: skip
+    return SimpleNamespace(root=root, enc=enc, data=data, vae=vae / "export", shards=shards, export=diff / "export")
+
+
+def test_embeddings_round_trip_through_shards_bit_exactly(text_run):
+    n = 0
+    for batch in make_latent_loader(text_run.shards, kind="video", batch_size=4, shuffle_buffer=0):
+        for i, meta in enumerate(batch["meta"]):
+            emb, mask = text_run.enc.encode(meta["captions"])
+            row = meta["captions"].index(batch["caption"][i])
+            assert torch.equal(batch["text"][i], emb[row].half().float())  # stored float16, nothing else lost
+            assert torch.equal(batch["text_mask"][i], mask[row])
+            n += 1
+    assert n == 12  # 6 videos x 2 clips
+
+
+def test_caption_problems_reach_failures_and_manifest(text_run):
+    rows = [json.loads(line) for line in (text_run.shards / "failures.jsonl").read_text().splitlines()]
+    assert [(r["relpath"], r["stage"]) for r in rows] == [("gone/x.mp4", "caption")]
+    assert "not in the data folder" in rows[0]["reason"]
+    text = json.loads((text_run.shards / "manifest.json").read_text())["text"]
+    assert text["captioned_files"] == 6 and text["caption_problems"] == 1
+    assert text["text_encoder"]["weights_sha256"] == text_run.enc.fingerprint()["weights_sha256"]
+
+
+def test_text_dropout_happens_at_its_rate_and_with_the_labels():
+    from scripts.train_diffusion import _conditions
+
+    class Fixed:
+        def __call__(self, batch):
+            return torch.ones(len(batch["label"]), 3, 4), torch.ones(len(batch["label"]), 3, dtype=torch.bool)
+
+    cfg = SimpleNamespace(cond=SimpleNamespace(class_dropout=0.2, text_dropout=0.2), model=SimpleNamespace(num_classes=3))
+    g = torch.Generator().manual_seed(0)
+    dropped_text = dropped_both = 0
+    for _ in range(200):
+        kw = _conditions({"label": torch.zeros(8, dtype=torch.long)}, cfg, g, Fixed(), "cpu")
+        no_text = ~kw["text_mask"].any(1)
+        dropped_text += int(no_text.sum())
+        dropped_both += int((no_text & (kw["class_labels"] == 3)).sum())
+    assert 0.15 < dropped_text / 1600 < 0.25  # fails if dropout never (or always) happens
+    assert dropped_both == dropped_text  # one draw: labels and text are dropped together
+
+
+def _text_model(seed=0, text_dim=32):
+    torch.manual_seed(seed)
+    cfg = UNetConfig(in_channels=4, base_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
+                     head_dim=8, norm_groups=8, text_dim=text_dim, frame_conditioning=False)
+    model = UNet3D(cfg).eval()
+    with torch.no_grad():  # zero-initialised projections would hide the text at init
+        for name, p in model.named_parameters():
+            if name.endswith(("out_proj.weight", "text_pool.weight", "out_conv.weight", "conv2.weight")):
+                p.normal_(0, 0.05)
+    return model
+
+
+def test_cross_attention_uses_the_text_and_null_rows_are_the_null_text():
+    model = _text_model()
+    x, t = torch.randn(2, 4, 3, 8, 8), torch.tensor([500, 500])
+    a, b = torch.randn(1, 5, 32), torch.randn(1, 5, 32)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    with torch.no_grad():
+        out_a = model(x, t, text=torch.cat([a, a]), text_mask=mask)
+        out_b = model(x, t, text=torch.cat([a, b]), text_mask=mask)
+        null = model(x, t, text=torch.cat([a, b]), text_mask=torch.zeros(2, 5, dtype=torch.bool))
+        none = model(x, t)
+    assert torch.equal(out_a[0], out_b[0]) and not torch.allclose(out_a[1], out_b[1], atol=1e-4)
+    assert torch.allclose(null, none, atol=1e-6)  # all-False mask == no text: what dropout trains
+    masked = torch.cat([a[:, :2], torch.randn(1, 3, 32)], 1)  # padding positions do not matter
+    m2 = torch.tensor([[1, 1, 0, 0, 0]], dtype=torch.bool)
+    with torch.no_grad():
+        p1 = model(x[:1], t[:1], text=masked, text_mask=m2)
+        p2 = model(x[:1], t[:1], text=torch.cat([a[:, :2], torch.zeros(1, 3, 32)], 1), text_mask=m2)
+    assert torch.allclose(p1, p2, atol=1e-6)
+
+
+def test_model_without_text_is_unchanged():
+    cfg = UNetConfig(in_channels=4, base_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
+                     head_dim=8, norm_groups=8)
+    model = UNet3D(cfg)
+    assert "text_dim" not in cfg.to_dict()
+    assert not any("cross_attn" in k or "null_token" in k or "text_pool" in k for k in model.state_dict())
+    with pytest.raises(ValueError, match="no text conditioning"):
+        model(torch.randn(1, 4, 2, 8, 8), torch.tensor([3]), text=torch.randn(1, 4, 32))
+
+
+def test_guidance_on_text_is_uncond_plus_scale_times_difference_in_one_call():
+    model = _text_model()
+    calls = []
+
+    def counted(x, t, **kw):
+        calls.append(x.shape[0])
+        return model(x, t, **kw)
+
+    x, t = torch.randn(2, 4, 2, 8, 8), torch.tensor([400, 400])
+    text, mask = torch.randn(2, 6, 32), torch.ones(2, 6, dtype=torch.bool)
+    neg = (torch.randn(1, 6, 32), torch.ones(1, 6, dtype=torch.bool))
+    with torch.no_grad():
+        guided = classifier_free_guidance(counted, 4.0)(x, t, text=text, text_mask=mask)
+        assert calls == [4]  # cond and uncond halves in one batched call
+        cond = model(x, t, text=text, text_mask=mask)
+        uncond = model(x, t, text=text, text_mask=torch.zeros_like(mask))
+        neg_out = model(x, t, text=neg[0].expand(2, -1, -1), text_mask=neg[1].expand(2, -1))
+        with_neg = classifier_free_guidance(model, 4.0, negative_text=neg)(x, t, text=text, text_mask=mask)
+    assert torch.allclose(guided, uncond + 4.0 * (cond - uncond), atol=1e-5)
+    assert torch.allclose(with_neg, neg_out + 4.0 * (cond - neg_out), atol=1e-5)
+
+
+def test_prompts_change_samples_and_same_prompt_and_seed_reproduce(text_run, tmp_path):
+    from safetensors import safe_open
+
+    common = ["--checkpoint", text_run.export, "--num-samples", "1", "--steps", "2", "--format", "mp4",
+              "--autoencoder", text_run.vae]
+    runs = {}
+    for name, prompt in (("a", "a red circle moves up"), ("a2", "a red circle moves up"), ("b", "a blue square moves down")):
+        r = run_script("sample", *common, "--prompt", prompt, "--output-dir", tmp_path / name)
+        assert r.returncode == 0, r.stderr
+        (lat,) = (tmp_path / name).glob("*.safetensors")
+        with safe_open(str(lat), framework="pt") as f:
+            runs[name] = (f.get_tensor("latent"), json.loads(f.metadata()["lvd"]), lat.name)
+    assert torch.equal(runs["a"][0], runs["a2"][0])
+    assert not torch.equal(runs["a"][0], runs["b"][0])
+    assert runs["a"][1]["prompt"] == "a red circle moves up"
+    assert runs["a"][2] == "sample-000-a-red-circle-moves-up.safetensors"
+    assert (tmp_path / "a" / "sample-000-a-red-circle-moves-up.mp4").is_file()
+    r = run_script("sample", *common, "--output-dir", tmp_path / "none")
+    assert r.returncode != 0 and "text-conditioned" in r.stderr
+
+
+def test_another_encoder_is_refused_by_training_and_by_the_export(text_run, tmp_path):
+    build_tiny_text_encoder(tmp_path / "other", width=32, layers=1, heads=2, seed=1, max_length=16)
+    r = run_script("train_diffusion", "--config", DIFF_TINY, "--shards", text_run.shards, "--output-dir", tmp_path / "d",
+                   "--max-steps", "1", f"text.encoder={tmp_path / 'other'}", *TEXT_ARGS)
+    assert r.returncode != 0 and "manifest.json: the shards used text encoder" in r.stderr, r.stderr
+    import shutil
+
+    export = tmp_path / "export"
+    shutil.copytree(text_run.export, export)
+    shutil.rmtree(export / "text_encoder")
+    shutil.copytree(tmp_path / "other", export / "text_encoder")
+    r = run_script("sample", "--checkpoint", export, "--num-samples", "1", "--steps", "1", "--prompt", "x",
+                   "--output-dir", tmp_path / "s")
+    assert r.returncode != 0 and "replaced?" in r.stderr, r.stderr
+
+
+def test_missing_or_foreign_encoder_gives_a_clear_error(tmp_path):
+    with pytest.raises(TextEncoderError, match="cannot read its config"):
+        load_text_encoder(str(tmp_path / "nowhere"))
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(TextEncoderError, match="not supported"):
+        load_text_encoder(str(tmp_path / "bert"))
+    enc = build_tiny_text_encoder(tmp_path / "te", width=16, layers=1, heads=2)
+    (tmp_path / "te" / "model.safetensors").rename(tmp_path / "te" / "pytorch_model.bin")  # only a pickle left
+    with pytest.raises(TextEncoderError, match="safetensors only"):
+        load_text_encoder(str(tmp_path / "te"))
+    assert enc.width == 16 and np.isfinite(enc.encode(["x"])[0].numpy()).all()
