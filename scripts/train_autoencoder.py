@@ -35,10 +35,10 @@ from scripts.runtime.training import (
     inject_inf_gradient,
     injected_nonfinite,
     limit_cpu_threads,
+    lr_lambda,
     make_accelerator,
     seed_init,
     seed_step,
-    warmup_lambda,
 )
 from scripts.runtime.vae_validation import validate_autoencoder
 
@@ -122,8 +122,8 @@ def train(args) -> None:
     disc = criterion.discriminator
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=(0.5, 0.9), weight_decay=tc.weight_decay)
     opt_d = torch.optim.AdamW(disc.parameters(), lr=tc.lr * cfg.loss.disc_lr_mult, betas=(0.5, 0.9))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_lambda(tc.warmup_steps))
-    sched_d = torch.optim.lr_scheduler.LambdaLR(opt_d, warmup_lambda(tc.warmup_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tc))
+    sched_d = torch.optim.lr_scheduler.LambdaLR(opt_d, lr_lambda(tc))
     model, disc, opt, opt_d = acc.prepare(model, disc, opt, opt_d)
     raw_model, raw_disc = acc.unwrap_model(model), acc.unwrap_model(disc)
     ema, guard = EMA(raw_model, tc.ema_decay), NonFiniteGuard(tc.max_nonfinite)

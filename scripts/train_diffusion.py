@@ -165,7 +165,7 @@ def train(args) -> None:
     model = UNet3D(cfg.model)
     diffusion = GaussianDiffusion(cfg.diffusion)
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, rt.warmup_lambda(tc.warmup_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, rt.lr_lambda(tc))
     model, opt = acc.prepare(model, opt)
     raw = acc.unwrap_model(model)
     ema, guard = rt.EMA(raw, tc.ema_decay), rt.NonFiniteGuard(tc.max_nonfinite)

@@ -84,3 +84,19 @@ def test_yes_no_stay_strings_and_booleans_still_parse(tmp_path):
     cfg = load_config(Run, p, ["model.mid_attention=True"])
     assert cfg.train.mixed_precision == "no" and cfg.model.mid_attention is True
     assert load_config(Run, p).model.mid_attention is False
+
+
+def test_lr_schedules():
+    from scripts.runtime.training import warmup_lambda
+
+    const = warmup_lambda(10)
+    assert [const(s) for s in (0, 4, 9, 500)] == [0.1, 0.5, 1.0, 1.0]
+    for decay in ("cosine", "linear"):
+        f = warmup_lambda(10, decay, 110, 0.1)
+        values = [f(s) for s in range(110)]
+        assert values[:10] == [const(s) for s in range(10)]  # the same warm-up
+        assert values[9] == 1.0 and abs(values[-1] - 0.1) < 1e-9
+        assert all(a >= b for a, b in zip(values[9:], values[10:]))  # decays, never rises
+    assert abs(warmup_lambda(0, "cosine", 100)(49) - 0.5) < 1e-9  # half-way: half the rate
+    with pytest.raises(ConfigError, match="lr_decay"):
+        load_config(Run, None, ["train.lr_decay=step"])

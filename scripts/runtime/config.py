@@ -52,6 +52,9 @@ class TrainConfig:
     mixed_precision: str = "no"  # "no", "bf16" or "fp16"
     grad_accum: int = 1
     warmup_steps: int = 0
+    # after warm-up: "constant", or "cosine" / "linear" decay to lr_min_ratio * lr at max_steps
+    lr_decay: str = "constant"
+    lr_min_ratio: float = 0.0
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema_decay: float = 0.999
@@ -62,6 +65,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ConfigError(f"train.mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
+        if self.lr_decay not in ("constant", "cosine", "linear"):
+            raise ConfigError(f"train.lr_decay must be constant, cosine or linear, got {self.lr_decay!r}")
 
 
 # ----------------------------------------------------------------------------- conversion

@@ -133,13 +133,26 @@ class EMA:
 # ----------------------------------------------------------------------------- schedule, guard
 
 
-def warmup_lambda(warmup_steps: int):
-    """LR multiplier: linear warm-up over `warmup_steps`, then constant."""
+def warmup_lambda(warmup_steps: int, decay: str = "constant", max_steps: int = 0, min_ratio: float = 0.0):
+    """LR multiplier of optimizer step `step`: linear warm-up over `warmup_steps`, then constant, or
+    a cosine / linear decay from 1 to `min_ratio` at `max_steps` (a pure function of the step, so
+    a resumed run follows the same schedule)."""
 
     def f(step: int) -> float:
-        return 1.0 if warmup_steps <= 0 else min(1.0, (step + 1) / warmup_steps)
+        if warmup_steps > 0 and step + 1 < warmup_steps:
+            return (step + 1) / warmup_steps
+        if decay == "constant" or max_steps <= warmup_steps:
+            return 1.0
+        frac = min(1.0, max(0.0, (step + 1 - warmup_steps) / (max_steps - warmup_steps)))
+        shape = 0.5 * (1 + math.cos(math.pi * frac)) if decay == "cosine" else 1.0 - frac
+        return min_ratio + (1.0 - min_ratio) * shape
 
     return f
+
+
+def lr_lambda(tc):
+    """`warmup_lambda` for a TrainConfig."""
+    return warmup_lambda(tc.warmup_steps, tc.lr_decay, tc.max_steps, tc.lr_min_ratio)
 
 
 class NonFiniteGuard:
