@@ -330,3 +330,80 @@ def shuffled_frames(videos, seed: int = 0) -> list[np.ndarray]:
     motion (what a model that ignores time would score)."""
     rng = np.random.default_rng(seed)
     return [np.asarray(v)[rng.permutation(len(v))] for v in videos]
+
+
+# ----------------------------------------------------------------------------- prompt adherence
+
+
+def parse_caption(text: str) -> dict | None:
+    """{"colour", "shape", "direction"} (indices into COLOUR_NAMES, SYNTHETIC_CLASSES, DIRECTIONS) of a
+    caption in `caption_text`'s form, else None."""
+    words = text.strip().lower()
+    for c, colour in enumerate(COLOUR_NAMES):
+        for s, shape in enumerate(SYNTHETIC_CLASSES):
+            head = f"a {colour} {shape} moves "
+            if words.startswith(head) and words[len(head):] in DIRECTIONS:
+                return {"colour": c, "shape": s, "direction": DIRECTIONS.index(words[len(head):])}
+    return None
+
+
+def _shape_of(mask: np.ndarray) -> int:
+    """SYNTHETIC_CLASSES index from one object's mask. The square is axis-aligned, so it fills its
+    bounding box (> 0.86 measured; circles 0.66-0.83, triangles 0.55-0.67); a circle fills its
+    smallest enclosing circle (radius + half a pixel: > 0.78 measured) and a triangle does not
+    (< 0.66), at 32 and 64 px."""
+    _, _, w, h = cv2.boundingRect(mask)
+    area = float(mask.sum())
+    if area / max(w * h, 1) > 0.86:
+        return 1
+    (_, _), r = cv2.minEnclosingCircle(cv2.findNonZero(mask))
+    return 0 if area / (np.pi * (r + 0.5) ** 2) > 0.72 else 2
+
+
+def describe_video(frames: np.ndarray, threshold: int = 40) -> dict:
+    """What a viewer would say a synthetic-style video shows: {"colour", "shape", "direction"} as
+    indices (None where no object is found). Colour: the palette entry nearest (CIELAB) the object's
+    median colour; shape: the majority vote of `_shape_of` over frames; direction: the 8-way
+    direction of the tracked centre's move from the first frame to the second (the caption's "first
+    move")."""
+    frames = np.asarray(frames)
+    tr = track_object(frames, threshold)
+    found = np.isfinite(tr["centre"]).all(axis=1)
+    if not found.any():
+        return {"colour": None, "shape": None, "direction": None}
+    lab = np.nanmedian(srgb_to_lab(tr["colour"][found]), axis=0)
+    colour = int(np.argmin(delta_e(srgb_to_lab(np.array(PALETTE, dtype=np.float64)), lab[None])))
+    diff = np.abs(frames.astype(np.int16) - background_colour(frames)[:, None, None, :].astype(np.int16))
+    votes = []
+    for i in np.flatnonzero(found):
+        m = (diff[i].max(axis=-1) > threshold).astype(np.uint8)
+        n, labels, stats, _ = cv2.connectedComponentsWithStats(m, connectivity=8)
+        k = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+        votes.append(_shape_of((labels == k).astype(np.uint8)))
+    shape = int(np.bincount(votes, minlength=3).argmax())
+    c = tr["centre"]
+    move = c[1] - c[0] if len(c) > 1 else None
+    direction = None if move is None or not np.isfinite(move).all() or np.hypot(*move) < 1e-6 else direction_index(*move)
+    return {"colour": colour, "shape": shape, "direction": direction}
+
+
+def prompt_adherence(videos, captions) -> dict:
+    """Share of videos whose object has the asked colour, the asked shape, moves in the asked
+    direction (the same one of the 8 sectors), and all three; `direction_near`: within one sector
+    (45 degrees) of the asked one. Captions in `caption_text` form."""
+    hits = {"colour": [], "shape": [], "direction": []}
+    near = []
+    for frames, text in zip(videos, captions):
+        asked, seen = parse_caption(text), describe_video(frames)
+        if asked is None:
+            raise ValueError(f"caption {text!r} is not of the form 'a <colour> <shape> moves <direction>'")
+        for k in hits:
+            hits[k].append(seen[k] == asked[k])
+        near.append(seen["direction"] is not None and min((seen["direction"] - asked["direction"]) % 8,
+                                                          (asked["direction"] - seen["direction"]) % 8) <= 1)
+    n = len(near)
+    out = {k: float(np.mean(v)) if n else float("nan") for k, v in hits.items()}
+    out["all"] = float(np.mean([a and b and c for a, b, c in zip(*hits.values())])) if n else float("nan")
+    out["direction_near"] = float(np.mean(near)) if n else float("nan")
+    out["videos"] = n
+    return out

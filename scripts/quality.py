@@ -58,14 +58,21 @@ def parse_args(argv):
                    help="extra encoding config override (repeatable)")
     p.add_argument("--diffusion-set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra stage-2 config override (repeatable)")
-    p.add_argument("--num-samples", type=int, default=32)
+    p.add_argument("--num-samples", type=int, default=None, help="default 32; 48 with --text")
     p.add_argument("--sampler", default="ddpm")
     p.add_argument("--sample-steps", type=int, default=250)
     p.add_argument("--guidance-scale", type=float, default=3.0)
+    p.add_argument("--text", action="store_true",
+                   help="text-to-video: a text-only model on the videos' captions (a built-in tiny T5 encoder), sampled "
+                   "on prompts that are new combinations of colour, shape and direction, scored for prompt adherence")
+    p.add_argument("--baseline-run", type=Path, default=None,
+                   help="with --text: a class-conditional quality run folder; its model is sampled on the same "
+                   "prompts' shapes and scored the same way")
     p.add_argument("--quick", action="store_true", help="tiny budgets and data (seconds to minutes; for tests)")
     p.add_argument("--fresh", action="store_true", help="ignore finished stages in --output-dir")
     p.add_argument("--output", type=Path, default=None, help="also write the JSON lines to this file")
     args = p.parse_args(argv)
+    args.num_samples = args.num_samples or (48 if args.text else 32)
     if args.quick:
         args.num_videos, args.heldout_videos, args.num_samples = 12, 6, 3
         args.size, args.frames, args.sample_steps = 32, 8, 4
@@ -76,6 +83,29 @@ def parse_args(argv):
                               "model.channel_mult=[1]", "model.head_dim=16", "model.norm_groups=8",
                               "data.shuffle_buffer=4", *args.diffusion_set]
     return args
+
+
+def unseen_prompts(seen: set[str], n: int) -> list[str]:
+    """n captions that are not in `seen`: combinations of colour, shape and direction taken in an
+    order that cycles all three (k -> colour k % 7, shape k % 3, direction k % 8 visits each of the
+    168 combinations once), so the prompts are spread over every colour, shape and direction."""
+    from data.synthetic import COLOUR_NAMES, DIRECTIONS, SYNTHETIC_CLASSES, caption_text
+
+    total = len(COLOUR_NAMES) * len(SYNTHETIC_CLASSES) * len(DIRECTIONS)
+    order = [caption_text(k % len(COLOUR_NAMES), k % len(SYNTHETIC_CLASSES), k % len(DIRECTIONS)) for k in range(total)]
+    out = [c for c in order if c not in seen][:n]
+    if len(out) < n:
+        raise SystemExit(f"[quality] only {len(out)} of the {total} captions are not in the training set")
+    return out
+
+
+def training_captions(data: Path) -> dict[str, str]:
+    """relpath -> the (first) caption of each training video."""
+    from data.captions import load_captions
+
+    rels = sorted(p.relative_to(data).as_posix() for p in data.rglob("*.mp4"))
+    found = load_captions(data, rels)
+    return {r: found.of(r)[0] for r in rels if found.of(r)}
 
 
 def _read_videos(paths, frames: int) -> list[np.ndarray]:
@@ -95,7 +125,8 @@ def evaluate(args, out: Path) -> dict:
     from data.synthetic import shuffled_frames, video_quality
     from data.transforms import to_tensor, to_uint8
 
-    samples = _read_videos(sorted((out / "samples").glob("*.mp4")), 10**6)
+    sample_paths = sorted((out / "samples").glob("*.mp4"))
+    samples = _read_videos(sample_paths, 10**6)
     if not samples:
         raise SystemExit(f"[quality] no sample videos in {out / 'samples'}")
     length = min(len(v) for v in samples)
@@ -122,7 +153,94 @@ def evaluate(args, out: Path) -> dict:
     }
     goals = {name: {"goal": text, "pass": bool(check(rows["samples"], rows["data"]))}
              for name, (text, check) in GOALS.items()}
-    return {"stage1": stage1, "video_quality": rows, "goals": goals, "frames_scored": length}
+    report = {"stage1": stage1, "video_quality": rows, "goals": goals, "frames_scored": length}
+    if args.text:
+        report["prompt_adherence"] = adherence(args, out, sample_paths, length)
+    return report
+
+
+def _prompts_of(paths) -> list[str]:
+    from scripts.runtime.generation import load_latent_file
+
+    return [load_latent_file(p.with_suffix(".safetensors"))[1]["prompt"] for p in paths]
+
+
+def adherence(args, out: Path, sample_paths, length: int) -> dict:
+    """data.synthetic.prompt_adherence of the samples against their prompts, of 120 training videos
+    against their own captions (the detector's accuracy), and of the baseline run's class-conditional
+    samples against the same prompts."""
+    from data.synthetic import prompt_adherence
+
+    rows = {"samples": prompt_adherence(_read_videos(sample_paths, length), _prompts_of(sample_paths))}
+    caps = training_captions(out / "data")
+    chosen = spread(sorted(caps), 120)
+    rows["training_videos"] = prompt_adherence(_read_videos([out / "data" / r for r in chosen], length),
+                                               [caps[r] for r in chosen])
+    base = sorted((out / "baseline_samples").glob("*.mp4"))
+    if base:
+        rows["class_conditional_baseline"] = prompt_adherence(_read_videos(base, length), _prompts_of(base))
+    return rows
+
+
+def sample_baseline(args, out: Path) -> int:
+    """The baseline run's class-conditional model sampled with each prompt's shape as its class;
+    the prompts are recorded in the latent files (as `prompt`) for scoring."""
+    from data.synthetic import SYNTHETIC_CLASSES, parse_caption
+    from scripts import sample
+    from scripts.runtime.generation import load_latent_file, save_latent_file
+
+    prompts = (out / "prompts.txt").read_text().splitlines()
+    classes = [SYNTHETIC_CLASSES[parse_caption(p)["shape"]] for p in prompts]
+    run = args.baseline_run
+    rc = sample.main(["--checkpoint", str(run / "diffusion" / "export"), "--autoencoder", str(run / "vae" / "export"),
+                      "--num-samples", str(len(prompts)), "--sampler", args.sampler, "--steps", str(args.sample_steps),
+                      "--guidance-scale", str(args.guidance_scale), "--output-dir", str(out / "baseline_samples"),
+                      "--format", "mp4", f"classes={','.join(classes)}"])
+    for lat, prompt in zip(sorted((out / "baseline_samples").glob("*.safetensors")), prompts):
+        latent, meta = load_latent_file(lat)
+        save_latent_file(lat, latent, {**meta, "prompt": prompt})
+    return rc
+
+
+def add_text_stages(args, out: Path, plan: dict) -> None:
+    """--text: captions (make_synthetic again: it keeps finished videos and writes their caption
+    sidecars), a tiny seeded T5 encoder, caption embeddings in the shards, a text-only model, and
+    samples on prompts that no training caption has (and the baseline's, with --baseline-run)."""
+    from diffusion.text import build_tiny_text_encoder
+    from scripts import encode_latents, sample, train_diffusion
+
+    data, te = out / "data", out / "text_encoder"
+    make_data = plan.pop("data")
+
+    def text_encoder():
+        build_tiny_text_encoder(te, width=64, layers=2, heads=4, seed=0, max_length=32)
+
+    def prompts():
+        chosen = unseen_prompts(set(training_captions(data).values()), args.num_samples)
+        (out / "prompts.txt").write_text("".join(p + "\n" for p in chosen))
+
+    encode, diffusion, smp = plan.pop("encode"), plan.pop("diffusion"), plan.pop("sample")
+    del encode, diffusion, smp
+    vae = plan.pop("vae")
+    plan.update({
+        "data": make_data, "captions": make_data, "vae": vae, "text_encoder": text_encoder,
+        "encode": lambda: encode_latents.main(["--autoencoder", str(out / "vae" / "export"), "--data", str(data),
+                                               "--output-dir", str(out / "shards"), "--config", args.encode_config,
+                                               f"encode.size={args.size}", f"encode.text_encoder={te}",
+                                               "encode.text_max_length=32", *args.encode_set]),
+        "diffusion": lambda: train_diffusion.main(["--config", args.diffusion_config, "--shards", str(out / "shards"),
+                                                   "--output-dir", str(out / "diffusion"), f"text.encoder={te}",
+                                                   "text.max_length=32", "data.class_conditional=false",
+                                                   *args.diffusion_set]),
+        "prompts": prompts,
+        "sample": lambda: sample.main(["--checkpoint", str(out / "diffusion" / "export"), "--autoencoder",
+                                       str(out / "vae" / "export"), "--num-samples", str(args.num_samples),
+                                       "--sampler", args.sampler, "--steps", str(args.sample_steps),
+                                       "--guidance-scale", str(args.guidance_scale), "--output-dir",
+                                       str(out / "samples"), "--format", "mp4", "--prompts", str(out / "prompts.txt")]),
+    })
+    if args.baseline_run is not None:
+        plan["baseline_sample"] = lambda: sample_baseline(args, out)
 
 
 def main(argv=None) -> int:
@@ -150,6 +268,8 @@ def main(argv=None) -> int:
                                        "--steps", str(args.sample_steps), "--guidance-scale", str(args.guidance_scale),
                                        "--output-dir", str(smp), "--format", "mp4"]),
     }
+    if args.text:
+        add_text_stages(args, out, plan)
     seconds = {name: run_stage(out, name, fn, args.fresh, tag="quality") for name, fn in plan.items()}
     report = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
               "seconds": {**seconds, "total_training_and_sampling": sum(seconds.values())}, **evaluate(args, out)}
@@ -157,6 +277,8 @@ def main(argv=None) -> int:
     lines = [{"bench": "quality", "part": "stage1", **report["stage1"]}]
     lines += [{"bench": "quality", "part": name, **row} for name, row in report["video_quality"].items()]
     lines += [{"bench": "quality", "part": "goal", "name": k, **v} for k, v in report["goals"].items()]
+    lines += [{"bench": "quality", "part": "prompt_adherence", "of": k, **v}
+              for k, v in report.get("prompt_adherence", {}).items()]
     lines.append({"bench": "quality", "part": "seconds", **report["seconds"]})
     sink = open(args.output, "a") if args.output else None  # noqa: SIM115 (closed below)
     try:

@@ -109,6 +109,23 @@ def test_quality_bench_runs_end_to_end_through_the_command_lines(tmp_path, capsy
     assert again["video_quality"] == report["video_quality"]  # the same files score the same
     assert all(again["seconds"][k] == first[k] for k in ("vae", "diffusion"))  # times of the first run kept
 
+    # --text: a text-only model on the captions, sampled on prompts no training video has, scored for
+    # prompt adherence beside the detector on the training videos and the class-conditional baseline
+    from scripts import quality
+    from scripts.runtime.generation import load_latent_file
+
+    text = tmp_path / "text"
+    assert quality.main(["--quick", "--text", "--output-dir", str(text), "--baseline-run", str(out)]) == 0
+    prompts = (text / "prompts.txt").read_text().splitlines()
+    seen = set(quality.training_captions(text / "data").values())
+    assert len(prompts) == 3 and not seen & set(prompts) and len(seen) == 12
+    lat = sorted((text / "samples").glob("*.safetensors"))
+    assert [load_latent_file(p)[1]["prompt"] for p in lat] == prompts
+    rows = json.loads((text / "report.json").read_text())["prompt_adherence"]
+    assert set(rows) == {"samples", "training_videos", "class_conditional_baseline"}
+    assert rows["training_videos"]["videos"] == 12 and rows["training_videos"]["colour"] == 1.0
+    assert rows["class_conditional_baseline"]["videos"] == 3
+
 
 def test_make_synthetic_radius(tmp_path):
     from data.synthetic import track_object

@@ -96,3 +96,19 @@ def test_write_synthetic_writes_sidecars(tmp_path):
     cs = load_captions(tmp_path, [p.relative_to(tmp_path).as_posix() for p in paths])
     assert cs.problems == [] and len(cs.captions) == 3
     assert cs.of("circle/video_00000.mp4") == (synthetic_caption(0, size=16),)
+
+
+def test_prompt_adherence_detector_reads_the_real_videos_and_catches_wrong_ones():
+    from data.synthetic import SMALL_RADIUS, prompt_adherence
+
+    vids = [make_synthetic_video(i, num_frames=4, size=64, seed=3, radius=SMALL_RADIUS)[0] for i in range(60)]
+    caps = [synthetic_caption(i, size=64, seed=3, radius=SMALL_RADIUS) for i in range(60)]
+    real = prompt_adherence(vids, caps)
+    assert real["colour"] == 1.0 and real["shape"] == 1.0 and real["direction"] >= 0.85 and real["videos"] == 60
+    shifted = caps[1:] + caps[:1]  # each video asked for its neighbour's caption
+    wrong = prompt_adherence(vids, shifted)
+    assert wrong["all"] < 0.2 and wrong["shape"] < 0.2  # neighbours always differ in shape (label = index % 3)
+    backwards = prompt_adherence([v[::-1] for v in vids], caps)
+    assert backwards["direction"] < 0.2
+    with pytest.raises(ValueError, match="not of the form"):
+        prompt_adherence(vids[:1], ["a purple dog"])
