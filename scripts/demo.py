@@ -1,6 +1,8 @@
 """The whole pipeline on the built-in synthetic dataset, on CPU, in one command (`make demo`):
-synthetic mp4 files -> stage-1 VAE -> latent shards -> stage-2 joint image+video diffusion ->
-class-conditional samples -> runs/demo/samples/*.mp4 (+ GIF and PNG frame strip).
+synthetic mp4 files with captions -> stage-1 VAE -> a small text encoder -> latent shards with
+caption embeddings -> stage-2 joint image+video text-to-video diffusion -> samples of prompts that
+no training caption has -> runs/demo/samples/*.mp4 (+ GIF and PNG frame strip).
+`--class-conditional` runs the class-conditional pipeline instead (no text).
 
 Each stage leaves a `.done-<stage>` marker; rerunning skips finished stages, and an interrupted
 training stage resumes from its last checkpoint.
@@ -12,9 +14,10 @@ import argparse
 import json
 from pathlib import Path
 
+from diffusion.text import build_tiny_text_encoder
 from scripts.runtime.stages import run_stage, spread
 
-STAGES = ("data", "vae", "encode", "diffusion", "sample")
+STAGES = ("data", "vae", "text_encoder", "encode", "diffusion", "prompts", "sample")
 SIZE = 32  # frame size of the synthetic videos
 
 
@@ -31,10 +34,13 @@ def parse_args(argv):
     p.add_argument("--sampler", default="ddpm", help="ddpm, ddim or dpmpp_2m (default ddpm)")
     p.add_argument("--sample-steps", type=int, default=250)
     p.add_argument("--fresh", action="store_true", help="ignore finished stages and start over in --output-dir")
+    p.add_argument("--class-conditional", action="store_true",
+                   help="condition on the class (shape) folders instead of the captions")
+    p.add_argument("--num-samples", type=int, default=6)
     return p.parse_args(argv)
 
 
-def quality_report(data_dir: Path, sample_dir: Path) -> dict:
+def quality_report(data_dir: Path, sample_dir: Path, text: bool = False) -> dict:
     """What a person sees in the samples, against the training videos (data.synthetic.video_quality):
     objects found whole, in the data's colours and constant along the clip, and the tracked motion
     (smoothness: mean |second difference| / mean speed, lower is smoother; speed in pixels per frame
@@ -45,8 +51,15 @@ def quality_report(data_dir: Path, sample_dir: Path) -> dict:
     samples = [read_video(p)[0] for p in sorted(sample_dir.glob("*.mp4"))]
     length = min(len(v) for v in samples)
     train = [read_video(p)[0][:length] for p in spread(sorted(data_dir.rglob("*.mp4")), 32)]
-    return {"training_data": video_quality(train, train, size=SIZE),
-            "samples": video_quality([v[:length] for v in samples], train, size=SIZE)}
+    report = {"training_data": video_quality(train, train, size=SIZE),
+              "samples": video_quality([v[:length] for v in samples], train, size=SIZE)}
+    if text:  # few samples: see scripts.quality --text for the measured figure
+        from data.synthetic import prompt_adherence
+        from scripts.quality import _prompts_of
+
+        report["prompt_adherence"] = prompt_adherence([v[:length] for v in samples],
+                                                      _prompts_of(sorted(sample_dir.glob("*.mp4"))))
+    return report
 
 
 def main(argv=None) -> int:
@@ -63,24 +76,37 @@ def main(argv=None) -> int:
     )
 
     data, vae, shards, diff, samples = out / "data", out / "vae", out / "shards", out / "diffusion", out / "samples"
+    te, prompts = out / "text_encoder", out / "prompts.txt"
+    text = not args.class_conditional
+    check_mode(out, text, args.fresh)
     vae_steps = [] if args.vae_steps is None else [f"train.max_steps={args.vae_steps}"]
     diff_steps = [] if args.diffusion_steps is None else [f"train.max_steps={args.diffusion_steps}"]
+    enc_text = [f"encode.text_encoder={te}"] if text else []
+    diff_text = [f"text.encoder={te}", "data.class_conditional=false"] if text else []
+    smp_text = ["--prompts", str(prompts)] if text else []
     plan = {
         "data": lambda: make_synthetic.main(["--output-dir", str(data), "--num-videos", str(args.num_videos),
                                              "--frames", "16", "--size", str(SIZE), "--fps", "8"]),
         "vae": lambda: train_autoencoder.main(["--config", args.vae_config, "--data", str(data),
                                                "--output-dir", str(vae), *vae_steps]),
         "encode": lambda: encode_latents.main(["--autoencoder", str(vae / "export"), "--data", str(data),
-                                               "--output-dir", str(shards), "--config", "configs/encode/demo.yaml"]),
+                                               "--output-dir", str(shards), "--config", "configs/encode/demo.yaml",
+                                               *enc_text]),
         "diffusion": lambda: train_diffusion.main(["--config", args.diffusion_config, "--shards", str(shards),
-                                                   "--output-dir", str(diff), *diff_steps]),
+                                                   "--output-dir", str(diff), *diff_steps, *diff_text]),
         "sample": lambda: sample.main(["--checkpoint", str(diff / "export"), "--autoencoder", str(vae / "export"),
-                                       "--num-samples", "6", "--sampler", args.sampler, "--steps", str(args.sample_steps),
-                                       "--output-dir", str(samples), "--format", "mp4,gif,png", "--upscale", "4"]),
+                                       "--num-samples", str(args.num_samples), "--sampler", args.sampler,
+                                       "--steps", str(args.sample_steps), "--output-dir", str(samples),
+                                       "--format", "mp4,gif,png", "--upscale", "4", *smp_text]),
+        "text_encoder": lambda: build_tiny_text_encoder(te, width=64, layers=2, heads=4, seed=0, max_length=32) and None,
+        "prompts": lambda: write_prompts(data, prompts, args.num_samples),
     }
-    times = {name: run_stage(out, name, plan[name], args.fresh) for name in STAGES}
+    stages = [s for s in STAGES if text or s not in ("text_encoder", "prompts")]
+    times = {name: run_stage(out, name, plan[name], args.fresh) for name in stages}
     del decode_latents  # imported so a broken module fails here, not after training
-    report = {"seconds": times, "quality": quality_report(data, samples)}
+    report = {"seconds": times, "quality": quality_report(data, samples, text)}
+    if text:
+        report["prompts"] = prompts.read_text().splitlines()
     vae_val = [r for r in _metrics(vae / "metrics.jsonl") if r.get("split") == "val"]
     if vae_val:
         keys = ("psnr", "ssim", "delta_e", "fg_psnr", "fg_colour_error", "flicker")
@@ -94,6 +120,25 @@ def main(argv=None) -> int:
     for p in sorted(samples.glob("*.mp4")) + sorted(samples.glob("*.gif")) + sorted(samples.glob("*-strip.png")):
         print("  ", p)
     return 0
+
+
+def write_prompts(data: Path, path: Path, n: int) -> None:
+    """n prompts that are new combinations of colour, shape and direction (no training caption)."""
+    from scripts.quality import training_captions, unseen_prompts
+
+    path.write_text("".join(p + "\n" for p in unseen_prompts(set(training_captions(data).values()), n)))
+
+
+def check_mode(out: Path, text: bool, fresh: bool) -> None:
+    """A folder finished by the other pipeline (text / class-conditional) would mix the two: stop."""
+    manifest = out / "shards" / "manifest.json"
+    if fresh or not (out / ".done-encode").exists() or not manifest.exists():
+        return
+    has_text = bool((json.loads(manifest.read_text()).get("text") or {}).get("text_encoder"))
+    if has_text != text:
+        what = "text-conditioned" if has_text else "class-conditional"
+        raise SystemExit(f"[demo] {out} holds a {what} run: pass --fresh (or another --output-dir)"
+                         + ("" if has_text else " to run the text demo, or --class-conditional"))
 
 
 def _metrics(path: Path) -> list[dict]:

@@ -47,7 +47,7 @@ def sampler_quality(spec: dict) -> dict:
     from data.latents import make_latent_loader
     from data.stats import un_whiten
     from data.synthetic import motion_summary
-    from scripts.runtime.export import load_diffusion_export
+    from scripts.runtime.export import load_diffusion_export, load_export_text_encoder
     from scripts.runtime.generation import decode_to_uint8, generate
 
     device, _, sync = setup(spec)
@@ -55,9 +55,14 @@ def sampler_quality(spec: dict) -> dict:
     model, meta = load_diffusion_export(demo / "diffusion" / "export", map_location=device)
     lat, n = meta["latent"], spec["N"]
     labels = [i % len(meta["class_names"]) for i in range(n)] if meta["unet_config"].num_classes else None
-    train = []
+    train, captions = [], []
     for batch in make_latent_loader(demo / "shards", kind="video", batch_size=n, use_mean=True, shuffle_buffer=0):
         train.append(batch["latent"])
+        captions += batch["caption"]
+    text = None
+    if meta["unet_config"].text_dim:  # a text model (the text demo): the training clips' own captions
+        encoder = load_export_text_encoder(demo / "diffusion" / "export", meta)
+        text = encoder.encode([c or "" for c in captions[:n]])
     train = torch.cat(train)[torch.randperm(sum(len(b) for b in train), generator=torch.Generator().manual_seed(0))]
     if len(train) < 2 * n:
         raise SystemExit(f"{demo / 'shards'} has {len(train)} clips; the comparison needs 2 x N = {2 * n}")
@@ -67,7 +72,8 @@ def sampler_quality(spec: dict) -> dict:
     else:
         out = generate(model, meta["unet_config"], meta["diffusion_config"], num=n, frames=lat["clip_len"],
                        latent_shape=lat["shape"], labels=labels, guidance_scale=spec["guidance_scale"],
-                       sampler=spec["sampler"], steps=spec["steps"], seed=spec["seed"], batch_size=n, device=device)
+                       sampler=spec["sampler"], steps=spec["steps"], seed=spec["seed"], batch_size=n, device=device,
+                       text=text)
     sync()
     seconds = time.perf_counter() - start
     feats = _clip_features(out)
