@@ -79,7 +79,7 @@ def _train_step(spec: dict, device, autocast):
     """A closure doing forward + MSE + backward + AdamW step, like one stage-2 training step."""
     import torch
 
-    net, call = build_unet(spec["impl"], spec["config"], spec.get("gc", False))
+    net, call = build_unet(spec["impl"], spec["config"], spec.get("gc", False), spec.get("text", 0))
     net.to(device).train()
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
     gen = torch.Generator().manual_seed(0)
@@ -235,7 +235,9 @@ def plan(bench: str, quick: bool) -> list[dict]:
     if bench == "unet":
         c, b, hw, ts = ("tiny", 1, 8, (4,)) if quick else ("base", 2, 32, (16, 8, 32))
         specs = [dict(bench="unet", config=c, B=b, T=ts[0], hw=hw, gc=True)]
-        return specs + [dict(bench="unet", config=c, B=b, T=t, hw=hw, gc=False) for t in ts]
+        specs += [dict(bench="unet", config=c, B=b, T=t, hw=hw, gc=False) for t in ts]
+        # text-to-video: cross-attention to 32 tokens of a T5-base-wide prompt (64 wide when quick)
+        return specs + [dict(bench="unet", config=c, B=b, T=ts[0], hw=hw, gc=False, text=64 if quick else 768)]
     if bench == "sampler_quality":
         n, steps = (8, [("ddpm", 250), ("dpmpp_2m", 5)]) if quick else (48, SAMPLER_QUALITY_RUNS)
         return [dict(bench="sampler_quality", sampler=s, steps=k, N=n, guidance_scale=3.0, seed=1) for s, k in steps]
@@ -318,7 +320,7 @@ def _reference_for(spec: dict, reason: str | None) -> tuple[dict | None, str | N
 
 def _scaling_line(lines: list[dict]) -> dict | None:
     """Time per frame across T for the non-checkpointed U-Net runs (flat = T-independent cost per frame)."""
-    runs = sorted((ln for ln in lines if ln["bench"] == "unet_train_step" and not ln["gc"] and "ms" in ln), key=lambda ln: ln["T"])
+    runs = sorted((ln for ln in lines if ln["bench"] == "unet_train_step" and not ln["gc"] and not ln.get("text") and "ms" in ln), key=lambda ln: ln["T"])
     if len(runs) < 2:
         return None
     out = {"bench": "unet_time_per_frame", "config": runs[0]["config"], "T": [r["T"] for r in runs],

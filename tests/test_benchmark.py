@@ -38,10 +38,12 @@ def test_quick_run_prints_finite_figures_and_null_references_without_diffusers(t
         if line["bench"] in ("vae_encode", "vae_decode", "unet_train_step"):
             assert line["reference"] is None and "diffusers is not installed" in line["reference_reason"]
     unet = [line for line in printed if line["bench"] == "unet_train_step"]
-    assert sorted(line["gc"] for line in unet) == [False, True]  # with and without gradient checkpointing
+    assert sorted(line["gc"] for line in unet) == [False, False, True]  # with and without gradient checkpointing
     checkpointed = next(line for line in unet if line["gc"])
-    plain = next(line for line in unet if not line["gc"])
+    plain = next(line for line in unet if not line["gc"] and not line.get("text"))
+    text = next(line for line in unet if line.get("text"))
     assert checkpointed["gflops"] > plain["gflops"]  # recomputed forward is counted
+    assert text["gflops"] > plain["gflops"] and text["params_m"] > plain["params_m"]  # cross-attention costs
     reader = next(line for line in printed if line["bench"] == "reader")
     assert reader["reader_headroom"] > 1
 

@@ -36,7 +36,9 @@ def text_run(tmp_path_factory):
                                 "--config", str(ENCODE_DEMO), "encode.num_workers=0", "encode.clip_len=4",
                                 f"encode.text_encoder={root / 'te'}", "encode.text_max_length=16"]) == 0  # fmt: skip
     assert train_diffusion.main(["--config", str(DIFF_TINY), "--shards", str(shards), "--output-dir", str(diff),
-                                 "--max-steps", "2", f"text.encoder={root / 'te'}", *TEXT_ARGS]) == 0  # fmt: skip
+                                 "--max-steps", "2", f"text.encoder={root / 'te'}", *TEXT_ARGS, "sample.every=2",
+                                 "sample.num=2", "sample.steps=2", "sample.prompts=[a red circle moves up]",
+                                 f"sample.autoencoder={vae / 'export'}"]) == 0  # fmt: skip
     return SimpleNamespace(root=root, enc=enc, data=data, vae=vae / "export", shards=shards, export=diff / "export")
 
 
@@ -193,3 +195,77 @@ def test_missing_or_foreign_encoder_gives_a_clear_error(tmp_path):
     with pytest.raises(TextEncoderError, match="safetensors only"):
         load_text_encoder(str(tmp_path / "te"))
     assert enc.width == 16 and np.isfinite(enc.encode(["x"])[0].numpy()).all()
+
+
+def test_periodic_samples_carry_their_prompt(text_run):
+    from scripts.runtime.generation import load_latent_file
+
+    lat = sorted((text_run.export.parent / "samples").glob("step*.safetensors"))
+    assert len(lat) == 2 and all(load_latent_file(p)[1]["prompt"] == "a red circle moves up" for p in lat)
+    assert len(list((text_run.export.parent / "samples").glob("step*.mp4"))) == 2
+
+
+def test_caption_text_only_shards_are_encoded_by_the_trainer(text_run, tmp_path):
+    """Without encode.text_encoder the shards hold the captions as text; the trainer encodes them."""
+    from data.shards import load_manifest
+    from scripts import encode_latents, train_diffusion
+
+    shards = tmp_path / "shards"
+    assert encode_latents.main(["--autoencoder", str(text_run.vae), "--data", str(text_run.data), "--output-dir",
+                                str(shards), "--config", str(ENCODE_DEMO), "encode.num_workers=0",
+                                "encode.clip_len=4"]) == 0  # fmt: skip
+    batch = next(iter(make_latent_loader(shards, kind="video", batch_size=4, shuffle_buffer=0)))
+    assert "text" not in batch and all(batch["caption"])
+    assert load_manifest(shards)["text"]["text_encoder"] is None
+    assert train_diffusion.main(["--config", str(DIFF_TINY), "--shards", str(shards), "--output-dir",
+                                 str(tmp_path / "d"), "--max-steps", "1", f"text.encoder={text_run.root / 'te'}",
+                                 *TEXT_ARGS]) == 0  # fmt: skip
+    assert (tmp_path / "d" / "export" / "text_encoder" / "model.safetensors").is_file()
+
+
+def test_prompt_with_an_init_video(text_run, tmp_path):
+    video = sorted(text_run.data.rglob("*.mp4"))[0]
+    r = run_script("sample", "--checkpoint", text_run.export, "--autoencoder", text_run.vae, "--num-samples", "1",
+                   "--steps", "2", "--init-video", video, "--known-frames", "2", "--frames", "6", "--prompt",
+                   "a green square moves left", "--sampler", "ddim", "--output-dir", tmp_path)
+    assert r.returncode == 0, r.stderr
+    (lat,) = tmp_path.glob("*.safetensors")
+    assert "a-green-square" in lat.name
+
+
+def _tiny_clip(folder):
+    """A CLIP text model with a character-level BPE vocabulary (no merges): built in-process."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    chars = [chr(c) for c in cs]
+    vocab = {t: i for i, t in enumerate([*chars, *(c + "</w>" for c in chars), "<|startoftext|>", "<|endoftext|>"])}
+    folder.mkdir()
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
+    torch.manual_seed(0)
+    end = vocab["<|endoftext|>"]
+    model = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, max_position_embeddings=32,
+                                         bos_token_id=vocab["<|startoftext|>"], eos_token_id=end, pad_token_id=end))
+    model.save_pretrained(folder, safe_serialization=True)
+    tok.save_pretrained(folder)
+
+
+def test_a_clip_text_model_loads_and_conditions_the_unet(tmp_path):
+    _tiny_clip(tmp_path / "clip")
+    enc = load_text_encoder(str(tmp_path / "clip"), max_length=16)
+    emb, mask = enc.encode(["a red circle", "a blue square moves"])
+    assert enc.fingerprint()["model_type"] == "clip_text_model" and enc.width == 32
+    assert emb.shape == (2, 16, 32) and mask.sum(1).tolist() == [12, 16]  # one token per character and word end, truncated at 16
+    model = _text_model(text_dim=enc.width)
+    with torch.no_grad():
+        out = model(torch.randn(2, 4, 2, 8, 8), torch.tensor([10, 10]), text=emb, text_mask=mask)
+    assert torch.isfinite(out).all()

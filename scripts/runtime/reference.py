@@ -51,8 +51,13 @@ def unet_block_types(levels: int, attention_levels) -> tuple[tuple[str, ...], tu
     return down, up
 
 
-def build_unet(impl: str, config: str, gc: bool):
-    """(module, call(x, t) -> output) for our UNet3D or diffusers' UNet3DConditionModel at matched width."""
+TEXT_TOKENS = 32  # tokens per prompt in the text rows (text.max_length's default)
+
+
+def build_unet(impl: str, config: str, gc: bool, text: int = 0):
+    """(module, call(x, t) -> output) for our UNet3D or diffusers' UNet3DConditionModel at matched
+    width. `text` > 0: both cross-attend to TEXT_TOKENS random tokens of that width (a T5-base
+    prompt is 768 wide), ours after its spatial attention, diffusers' in its transformer blocks."""
     import torch
 
     c = model_section("diffusion", config)
@@ -60,13 +65,23 @@ def build_unet(impl: str, config: str, gc: bool):
         from diffusion.config import UNetConfig
         from diffusion.unet3d import UNet3D
 
-        net = UNet3D(UNetConfig(**{**c, "in_channels": 4, "gradient_checkpointing": gc}))
-        return net, lambda x, t: net(x, t)
+        net = UNet3D(UNetConfig(**{**c, "in_channels": 4, "gradient_checkpointing": gc, "text_dim": text}))
+        if not text:
+            return net, lambda x, t: net(x, t)
+        tokens = {}
+
+        def call_text(x, t):
+            if "e" not in tokens:
+                tokens["e"] = torch.randn(x.shape[0], TEXT_TOKENS, text, device=x.device)
+                tokens["m"] = torch.ones(x.shape[0], TEXT_TOKENS, dtype=torch.bool, device=x.device)
+            return net(x, t, text=tokens["e"], text_mask=tokens["m"])
+
+        return net, call_text
     from diffusers import UNet3DConditionModel
 
     # attention at our levels (diffusers' default puts it at every level but the lowest); a context of
     # one token for its cross-attention, which ours does not have
-    levels, ctx_dim = len(c["channel_mult"]), 64
+    levels, ctx_dim, ctx_len = len(c["channel_mult"]), text or 64, TEXT_TOKENS if text else 1
     down, up = unet_block_types(levels, c["attention_levels"])
     net = UNet3DConditionModel(
         sample_size=32, in_channels=4, out_channels=4, layers_per_block=c["num_res_blocks"],
@@ -81,7 +96,7 @@ def build_unet(impl: str, config: str, gc: bool):
 
     def call(x, t):
         if "e" not in context:
-            context["e"] = torch.randn(x.shape[0], 1, ctx_dim, device=x.device)
+            context["e"] = torch.randn(x.shape[0], ctx_len, ctx_dim, device=x.device)
         return net(x, t, encoder_hidden_states=context["e"]).sample
 
     return net, call
