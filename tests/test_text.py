@@ -221,6 +221,11 @@ def test_caption_text_only_shards_are_encoded_by_the_trainer(text_run, tmp_path)
                                  str(tmp_path / "d"), "--max-steps", "1", f"text.encoder={text_run.root / 'te'}",
                                  *TEXT_ARGS]) == 0  # fmt: skip
     assert (tmp_path / "d" / "export" / "text_encoder" / "model.safetensors").is_file()
+    # resuming that run with another encoder is refused: the checkpoint records the encoder
+    build_tiny_text_encoder(tmp_path / "other", width=32, layers=1, heads=2, seed=1, max_length=16)
+    r = run_script("train_diffusion", "--config", DIFF_TINY, "--shards", shards, "--output-dir", tmp_path / "d",
+                   "--max-steps", "2", f"text.encoder={tmp_path / 'other'}", *TEXT_ARGS)
+    assert r.returncode != 0 and "different text_encoder" in r.stderr, r.stderr
 
 
 def test_prompt_with_an_init_video(text_run, tmp_path):
