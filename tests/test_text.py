@@ -274,3 +274,34 @@ def test_a_clip_text_model_loads_and_conditions_the_unet(tmp_path):
     with torch.no_grad():
         out = model(torch.randn(2, 4, 2, 8, 8), torch.tensor([10, 10]), text=emb, text_mask=mask)
     assert torch.isfinite(out).all()
+
+
+def test_images_carry_captions_into_joint_training(text_run, tmp_path):
+    """Image shards hold their captions' embeddings too; a text model trains on clips and images."""
+    import shutil
+
+    from data.video_io import write_png
+    from scripts import encode_latents, train_diffusion
+
+    data = tmp_path / "data"
+    for video in sorted(text_run.data.rglob("*.mp4"))[:3]:
+        (data / video.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(video, data / video.parent.name / video.name)
+        shutil.copy(video.with_suffix(".txt"), data / video.parent.name / video.with_suffix(".txt").name)
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(4):
+        write_png(data / "circle" / f"still_{i}.png", rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
+        rows.append(json.dumps({"path": f"circle/still_{i}.png", "caption": f"a still picture number {i}"}))
+    (data / "captions.jsonl").write_text("\n".join(rows) + "\n")
+    shards = tmp_path / "shards"
+    assert encode_latents.main(["--autoencoder", str(text_run.vae), "--data", str(data), "--output-dir", str(shards),
+                                "--config", str(ENCODE_DEMO), "encode.num_workers=0", "encode.clip_len=4",
+                                f"encode.text_encoder={text_run.root / 'te'}", "encode.text_max_length=16"]) == 0
+    images = next(iter(make_latent_loader(shards, kind="image", batch_size=4, shuffle_buffer=0)))
+    assert sorted(images["caption"]) == [f"a still picture number {i}" for i in range(4)]
+    assert images["text"].shape == (4, 16, 32) and images["text_mask"].any(1).all()
+    assert train_diffusion.main(["--config", str(DIFF_TINY), "--shards", str(shards), "--output-dir",
+                                 str(tmp_path / "d"), "--max-steps", "1", f"text.encoder={text_run.root / 'te'}",
+                                 "data.image_ratio=1.0", *TEXT_ARGS]) == 0  # fmt: skip
+    assert (tmp_path / "d" / "export" / "model.safetensors").is_file()
