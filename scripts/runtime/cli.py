@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -45,7 +46,9 @@ def resolve_config(cls, args: argparse.Namespace, *, write: bool = True):
     if getattr(args, "max_steps", None) is not None:
         overrides.append(f"train.max_steps={args.max_steps}")
     cfg = load_config(cls, args.config, overrides)
-    if write:
+    # one writer under a multi-process launch (every rank resolves the same config): two ranks
+    # renaming the same config.yaml.tmp raced, and the second rename failed
+    if write and int(os.environ.get("RANK", "0")) == 0:
         save_config(cfg, Path(args.output_dir) / "config.yaml")
     return cfg
 
