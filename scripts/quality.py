@@ -88,15 +88,16 @@ def parse_args(argv):
 def unseen_prompts(seen: set[str], n: int) -> list[str]:
     """n captions that are not in `seen`: combinations of colour, shape and direction taken in an
     order that cycles all three (k -> colour k % 7, shape k % 3, direction k % 8 visits each of the
-    168 combinations once), so the prompts are spread over every colour, shape and direction."""
+    168 combinations once), so the prompts are spread over every colour, shape and direction;
+    repeated in that order when fewer than n are unseen (300 videos leave about 23)."""
     from data.synthetic import COLOUR_NAMES, DIRECTIONS, SYNTHETIC_CLASSES, caption_text
 
     total = len(COLOUR_NAMES) * len(SYNTHETIC_CLASSES) * len(DIRECTIONS)
     order = [caption_text(k % len(COLOUR_NAMES), k % len(SYNTHETIC_CLASSES), k % len(DIRECTIONS)) for k in range(total)]
-    out = [c for c in order if c not in seen][:n]
-    if len(out) < n:
-        raise SystemExit(f"[quality] only {len(out)} of the {total} captions are not in the training set")
-    return out
+    unseen = [c for c in order if c not in seen]
+    if not unseen:
+        raise SystemExit(f"[quality] every one of the {total} captions is in the training set: no unseen prompt")
+    return [unseen[i % len(unseen)] for i in range(n)]  # cycled when fewer than n are unseen
 
 
 def training_captions(data: Path) -> dict[str, str]:
