@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from diffusion.text import build_tiny_text_encoder
+from scripts.quality import builtin_text_encoder, write_prompts
 from scripts.runtime.stages import run_stage, spread
 
 STAGES = ("data", "vae", "text_encoder", "encode", "diffusion", "prompts", "sample")
@@ -98,7 +98,7 @@ def main(argv=None) -> int:
                                        "--num-samples", str(args.num_samples), "--sampler", args.sampler,
                                        "--steps", str(args.sample_steps), "--output-dir", str(samples),
                                        "--format", "mp4,gif,png", "--upscale", "4", *smp_text]),
-        "text_encoder": lambda: build_tiny_text_encoder(te, width=64, layers=2, heads=4, seed=0, max_length=32) and None,
+        "text_encoder": lambda: builtin_text_encoder(te),
         "prompts": lambda: write_prompts(data, prompts, args.num_samples),
     }
     stages = [s for s in STAGES if text or s not in ("text_encoder", "prompts")]
@@ -120,13 +120,6 @@ def main(argv=None) -> int:
     for p in sorted(samples.glob("*.mp4")) + sorted(samples.glob("*.gif")) + sorted(samples.glob("*-strip.png")):
         print("  ", p)
     return 0
-
-
-def write_prompts(data: Path, path: Path, n: int) -> None:
-    """n prompts that are new combinations of colour, shape and direction (no training caption)."""
-    from scripts.quality import training_captions, unseen_prompts
-
-    path.write_text("".join(p + "\n" for p in unseen_prompts(set(training_captions(data).values()), n)))
 
 
 def check_mode(out: Path, text: bool, fresh: bool) -> None:

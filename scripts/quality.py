@@ -100,6 +100,18 @@ def unseen_prompts(seen: set[str], n: int) -> list[str]:
     return [unseen[i % len(unseen)] for i in range(n)]  # cycled when fewer than n are unseen
 
 
+def write_prompts(data: Path, path: Path, n: int) -> None:
+    """n prompts that are new combinations of colour, shape and direction (no training caption)."""
+    path.write_text("".join(p + "\n" for p in unseen_prompts(set(training_captions(data).values()), n)))
+
+
+def builtin_text_encoder(folder: Path) -> None:
+    """The drivers' text encoder (demo and --text): a small seeded T5, built in-process."""
+    from diffusion.text import build_tiny_text_encoder
+
+    build_tiny_text_encoder(folder, width=64, layers=2, heads=4, seed=0, max_length=32)
+
+
 def training_captions(data: Path) -> dict[str, str]:
     """relpath -> the (first) caption of each training video."""
     from data.captions import load_captions
@@ -207,24 +219,13 @@ def add_text_stages(args, out: Path, plan: dict) -> None:
     """--text: captions (make_synthetic again: it keeps finished videos and writes their caption
     sidecars), a tiny seeded T5 encoder, caption embeddings in the shards, a text-only model, and
     samples on prompts that no training caption has (and the baseline's, with --baseline-run)."""
-    from diffusion.text import build_tiny_text_encoder
     from scripts import encode_latents, sample, train_diffusion
 
     data, te = out / "data", out / "text_encoder"
-    make_data = plan.pop("data")
-
-    def text_encoder():
-        build_tiny_text_encoder(te, width=64, layers=2, heads=4, seed=0, max_length=32)
-
-    def prompts():
-        chosen = unseen_prompts(set(training_captions(data).values()), args.num_samples)
-        (out / "prompts.txt").write_text("".join(p + "\n" for p in chosen))
-
-    encode, diffusion, smp = plan.pop("encode"), plan.pop("diffusion"), plan.pop("sample")
-    del encode, diffusion, smp
-    vae = plan.pop("vae")
+    make_data, vae = plan["data"], plan["vae"]
+    plan.clear()  # rebuilt in the text pipeline's order
     plan.update({
-        "data": make_data, "captions": make_data, "vae": vae, "text_encoder": text_encoder,
+        "data": make_data, "captions": make_data, "vae": vae, "text_encoder": lambda: builtin_text_encoder(te),
         "encode": lambda: encode_latents.main(["--autoencoder", str(out / "vae" / "export"), "--data", str(data),
                                                "--output-dir", str(out / "shards"), "--config", args.encode_config,
                                                f"encode.size={args.size}", f"encode.text_encoder={te}",
@@ -233,7 +234,7 @@ def add_text_stages(args, out: Path, plan: dict) -> None:
                                                    "--output-dir", str(out / "diffusion"), f"text.encoder={te}",
                                                    "text.max_length=32", "data.class_conditional=false",
                                                    *args.diffusion_set]),
-        "prompts": prompts,
+        "prompts": lambda: write_prompts(data, out / "prompts.txt", args.num_samples),
         "sample": lambda: sample.main(["--checkpoint", str(out / "diffusion" / "export"), "--autoencoder",
                                        str(out / "vae" / "export"), "--num-samples", str(args.num_samples),
                                        "--sampler", args.sampler, "--steps", str(args.sample_steps),
