@@ -237,14 +237,15 @@ def track_object(frames: np.ndarray, threshold: int = 40) -> dict[str, np.ndarra
     """Follow the largest object in each frame (uint8 [T,H,W,3]) -> per-frame arrays:
     `centre` [T,2] (x, y; NaN where nothing differs from the background), `area` [T] (pixels of the
     largest connected object), `share` [T] (its share of all object pixels: 1 for one clean object,
-    lower with ghosts or fragments) and `colour` [T,3] (mean RGB of its interior, its anti-aliased
-    edge left out when the object is large enough; NaN where nothing is found)."""
+    lower with ghosts or fragments), `colour` [T,3] (mean RGB of its interior, its anti-aliased
+    edge left out when the object is large enough; NaN where nothing is found) and `shape` [T]
+    (its SYNTHETIC_CLASSES index by `_shape_of`; -1 where nothing is found)."""
     frames = np.asarray(frames)
     diff = np.abs(frames.astype(np.int16) - background_colour(frames)[:, None, None, :].astype(np.int16))
     masks = (diff.max(axis=-1) > threshold).astype(np.uint8)
     t = frames.shape[0]
     centre, colour = np.full((t, 2), np.nan), np.full((t, 3), np.nan)
-    area, share = np.zeros(t), np.zeros(t)
+    area, share, shape = np.zeros(t), np.zeros(t), np.full(t, -1)
     kernel = np.ones((3, 3), np.uint8)
     for i, m in enumerate(masks):
         n, labels, stats, cents = cv2.connectedComponentsWithStats(m, connectivity=8)
@@ -255,9 +256,10 @@ def track_object(frames: np.ndarray, threshold: int = 40) -> dict[str, np.ndarra
         share[i] = area[i] / m.sum()
         centre[i] = cents[k]
         obj = (labels == k).astype(np.uint8)
+        shape[i] = _shape_of(obj)
         inner = cv2.erode(obj, kernel)
         colour[i] = frames[i][(inner if inner.sum() >= 4 else obj).astype(bool)].mean(axis=0)
-    return {"centre": centre, "area": area, "share": share, "colour": colour}
+    return {"centre": centre, "area": area, "share": share, "colour": colour, "shape": shape}
 
 
 def video_quality(videos, reference, *, size: int | None = None, jump_fraction: float = 0.125,
@@ -373,14 +375,7 @@ def describe_video(frames: np.ndarray, threshold: int = 40) -> dict:
         return {"colour": None, "shape": None, "direction": None}
     lab = np.nanmedian(srgb_to_lab(tr["colour"][found]), axis=0)
     colour = int(np.argmin(delta_e(srgb_to_lab(np.array(PALETTE, dtype=np.float64)), lab[None])))
-    diff = np.abs(frames.astype(np.int16) - background_colour(frames)[:, None, None, :].astype(np.int16))
-    votes = []
-    for i in np.flatnonzero(found):
-        m = (diff[i].max(axis=-1) > threshold).astype(np.uint8)
-        n, labels, stats, _ = cv2.connectedComponentsWithStats(m, connectivity=8)
-        k = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
-        votes.append(_shape_of((labels == k).astype(np.uint8)))
-    shape = int(np.bincount(votes, minlength=3).argmax())
+    shape = int(np.bincount(tr["shape"][found], minlength=3).argmax())
     c = tr["centre"]
     move = c[1] - c[0] if len(c) > 1 else None
     direction = None if move is None or not np.isfinite(move).all() or np.hypot(*move) < 1e-6 else direction_index(*move)
