@@ -83,6 +83,26 @@ class FrozenTextEncoder:
         out = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
         return out.float().cpu(), mask.bool().cpu()
 
+    def token_count(self, text: str) -> int:
+        """Tokens `text` takes before truncation (special tokens included)."""
+        return len(self.tokenizer(text, truncation=False)["input_ids"])
+
+    def truncated(self, texts) -> list[tuple[str, int]]:
+        """(text, its token count) for each distinct text longer than max_length: `encode` cuts its end
+        off, so words there (e.g. a byte-level tokenizer's "... to the upper left") never reach the model."""
+        counts = ((t, self.token_count(t)) for t in dict.fromkeys(texts))
+        return [(t, n) for t, n in counts if n > self.max_length]
+
+    def truncation_warning(self, texts, what: str, key: str, advice: str = "") -> str | None:
+        """One readable line when some of `texts` are longer than max_length, else None."""
+        cut = self.truncated(texts)
+        if not cut:
+            return None
+        text, n = max(cut, key=lambda tn: tn[1])
+        advice = advice or f"raise {key} to at least {n} to keep them whole"
+        return (f"{len(cut)} {what} longer than {key}={self.max_length} tokens lose their end (the longest, "
+                f"{n} tokens: {text!r}); {advice}")
+
     def fingerprint(self) -> dict:
         return {"name": self.name, "model_type": self.model_type, "config": _jsonable(self.model.config.to_dict()),
                 "weights_sha256": self._sha, "width": self.width, "max_length": self.max_length}

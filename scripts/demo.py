@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from scripts.quality import builtin_text_encoder, write_prompts
+from scripts.quality import BUILTIN_TEXT_LENGTH, builtin_text_encoder, write_prompts
 from scripts.runtime.stages import run_stage, spread
 
 STAGES = ("data", "vae", "text_encoder", "encode", "diffusion", "prompts", "sample")
@@ -81,8 +81,8 @@ def main(argv=None) -> int:
     check_mode(out, text, args.fresh)
     vae_steps = [] if args.vae_steps is None else [f"train.max_steps={args.vae_steps}"]
     diff_steps = [] if args.diffusion_steps is None else [f"train.max_steps={args.diffusion_steps}"]
-    enc_text = [f"encode.text_encoder={te}"] if text else []
-    diff_text = [f"text.encoder={te}", "data.class_conditional=false"] if text else []
+    enc_text = [f"encode.text_encoder={te}", f"encode.text_max_length={BUILTIN_TEXT_LENGTH}"] if text else []
+    diff_text = [f"text.encoder={te}", f"text.max_length={BUILTIN_TEXT_LENGTH}", "data.class_conditional=false"] if text else []
     smp_text = ["--prompts", str(prompts)] if text else []
     plan = {
         "data": lambda: make_synthetic.main(["--output-dir", str(data), "--num-videos", str(args.num_videos),

@@ -268,8 +268,14 @@ def run(args) -> dict:
                  for it in items]  # fmt: skip
     text_encoder = load_text_encoder(cfg.text_encoder, cfg.text_max_length, acc.device) if cfg.text_encoder else None
     settings = encoding_settings(run_cfg, args.data)
+    truncated = 0
     if text_encoder is not None:
         settings["text_encoder"] = text_encoder.fingerprint()
+        all_captions = [c for s in specs for c in (s.captions or ())]
+        truncated = len(text_encoder.truncated(all_captions))
+        warning = text_encoder.truncation_warning(all_captions, "captions", "encode.text_max_length")
+        if warning and acc.is_main_process:
+            print(f"warning: {warning}", flush=True)
     units = plan_units(specs, cfg.inputs_per_video_shard(), cfg.samples_per_shard,
                        {**settings, "autoencoder": ae_info["weights_sha256"]})
     writer = ShardWriter(out)
@@ -287,7 +293,8 @@ def run(args) -> dict:
             raise ShardError(f"{out}: units not finished: {', '.join(missing[:5])} (did a process fail?)")
         captioned = sum(1 for s in specs if s.captions)
         text = {"captioned_files": captioned, "caption_problems": len(caption_problems),
-                "text_encoder": text_encoder.fingerprint() if text_encoder else None}
+                "text_encoder": text_encoder.fingerprint() if text_encoder else None,
+                **({"truncated_captions": truncated} if text_encoder else {})}
         manifest = finalize(out, sides, clip_len=cfg.clip_len, autoencoder=ae_info, encoding=settings,
                             labels=class_names, caption_problems=caption_problems,
                             text=text if captioned or caption_problems else None)  # fmt: skip

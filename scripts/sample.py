@@ -8,6 +8,7 @@ autoencoder is known, decoded video files.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -179,6 +180,11 @@ def run(args) -> list[Path]:
     if prompts:
         encoder = load_export_text_encoder(Path(cfg.checkpoint), meta)
         texts = [prompts[i % len(prompts)] for i in range(cfg.num_samples)]
+        warning = encoder.truncation_warning(prompts + [cfg.negative_prompt or ""], "prompts",
+                                             "the model's text.max_length", "shorten them: the model was trained "
+                                             "with this length")
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr, flush=True)
         text = encoder.encode(texts)
         negative = encoder.encode([cfg.negative_prompt]) if cfg.negative_prompt else None
     vae, vae_path = find_autoencoder(cfg, meta)

@@ -115,13 +115,17 @@ class CaptionText:
     per caption); samples without a caption get the null text (mask all False)."""
 
     def __init__(self, encoder):
-        self.encoder, self.cache = encoder, {}
+        self.encoder, self.cache, self.warned = encoder, {}, 0
 
     def __call__(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         if "text" in batch:
             return batch["text"], batch["text_mask"]
         missing = [c for c in dict.fromkeys(batch["caption"]) if c is not None and c not in self.cache]
         if missing:
+            warning = self.warned < 3 and self.encoder.truncation_warning(missing, "captions", "text.max_length")
+            if warning:
+                self.warned += 1
+                print(f"warning: {warning}", flush=True)
             for c, e, m in zip(missing, *self.encoder.encode(missing)):
                 self.cache[c] = (e, m)
         length, width = self.encoder.max_length, self.encoder.width

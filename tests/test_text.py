@@ -146,6 +146,20 @@ def test_guidance_on_text_is_uncond_plus_scale_times_difference_in_one_call():
     assert torch.allclose(with_neg, neg_out + 4.0 * (cond - neg_out), atol=1e-5)
 
 
+def test_captions_longer_than_max_length_are_reported_where_they_are_cut(text_run):
+    enc = text_run.enc  # max_length 16; byte-level: one token per byte plus EOS
+    a, b = "a red circle moves to the upper left", "a red circle moves to the lower left"
+    ea, eb = enc.encode([a, b])[0]
+    assert torch.equal(ea, eb)  # what the warning is about: the words past the limit never reach the model
+    assert enc.truncated([a, "a red", a]) == [(a, len(a) + 1)]
+    assert enc.truncation_warning(["a red", "up"], "captions", "text.max_length") is None
+    line = enc.truncation_warning([a, b], "captions", "encode.text_max_length")
+    assert line.startswith("2 captions longer than encode.text_max_length=16 tokens") and f"at least {len(a) + 1}" in line
+    text = json.loads((text_run.shards / "manifest.json").read_text())["text"]
+    captions = {line.strip() for p in text_run.data.rglob("*.txt") for line in p.read_text().splitlines() if line.strip()}
+    assert text["truncated_captions"] == sum(len(c.encode()) + 1 > 16 for c in captions) > 0
+
+
 def test_prompts_change_samples_and_same_prompt_and_seed_reproduce(text_run, tmp_path):
     from safetensors import safe_open
 
@@ -155,6 +169,7 @@ def test_prompts_change_samples_and_same_prompt_and_seed_reproduce(text_run, tmp
     for name, prompt in (("a", "a red circle moves up"), ("a2", "a red circle moves up"), ("b", "a blue square moves down")):
         r = run_script("sample", *common, "--prompt", prompt, "--output-dir", tmp_path / name)
         assert r.returncode == 0, r.stderr
+        assert "prompts longer than the model's text.max_length=16 tokens lose their end" in r.stderr
         (lat,) = (tmp_path / name).glob("*.safetensors")
         with safe_open(str(lat), framework="pt") as f:
             runs[name] = (f.get_tensor("latent"), json.loads(f.metadata()["lvd"]), lat.name)
@@ -205,8 +220,9 @@ def test_periodic_samples_carry_their_prompt(text_run):
     assert len(list((text_run.export.parent / "samples").glob("step*.mp4"))) == 2
 
 
-def test_caption_text_only_shards_are_encoded_by_the_trainer(text_run, tmp_path):
-    """Without encode.text_encoder the shards hold the captions as text; the trainer encodes them."""
+def test_caption_text_only_shards_are_encoded_by_the_trainer(text_run, tmp_path, capsys):
+    """Without encode.text_encoder the shards hold the captions as text; the trainer encodes them
+    (and says when they are longer than text.max_length)."""
     from data.shards import load_manifest
     from scripts import encode_latents, train_diffusion
 
@@ -220,6 +236,7 @@ def test_caption_text_only_shards_are_encoded_by_the_trainer(text_run, tmp_path)
     assert train_diffusion.main(["--config", str(DIFF_TINY), "--shards", str(shards), "--output-dir",
                                  str(tmp_path / "d"), "--max-steps", "1", f"text.encoder={text_run.root / 'te'}",
                                  *TEXT_ARGS]) == 0  # fmt: skip
+    assert "captions longer than text.max_length=16 tokens lose their end" in capsys.readouterr().out
     assert (tmp_path / "d" / "export" / "text_encoder" / "model.safetensors").is_file()
     # resuming that run with another encoder is refused: the checkpoint records the encoder
     build_tiny_text_encoder(tmp_path / "other", width=32, layers=1, heads=2, seed=1, max_length=16)
