@@ -32,6 +32,7 @@ from scripts.runtime.config import ConfigError, TrainConfig
 from scripts.runtime.export import save_diffusion_export
 from scripts.runtime.generation import periodic_samples
 from scripts.runtime.loop import Periodic, Task, run_training
+from scripts.runtime.periodic_eval import EvalConfig, periodic_eval
 
 log = logging.getLogger("train_diffusion")
 
@@ -76,6 +77,7 @@ class DiffusionRunConfig:
     text: TextConfig = field(default_factory=TextConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleEveryConfig = field(default_factory=SampleEveryConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def main(argv=None) -> int:
@@ -197,6 +199,14 @@ def train(args) -> None:
         if quality is not None:
             rt.MetricsLog(out / "metrics.jsonl").write(quality)
 
+    def evaluate(step: int):  # eval.every: weight-free metrics against the training clips
+        row = periodic_eval(ema.averaged_model(raw).to(device), cfg.model, cfg.diffusion, manifest, cfg.data.shards,
+                            cfg.eval, step=step, seed=tc.seed, autoencoder=cfg.sample.autoencoder or None,
+                            device=device, text_encoder=text_encoder)
+        rt.MetricsLog(out / "metrics.jsonl").write(row)
+        if tc.tensorboard:
+            acc.log({f"eval/{k}": v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}, step=step)
+
     def export():
         save_diffusion_export(out / "export", ema.averaged_model(raw).cpu(), cfg.model, cfg.diffusion, manifest,
                               Path(cfg.data.shards), fps=fps, text_encoder=text_encoder)
@@ -205,7 +215,7 @@ def train(args) -> None:
                 optimizers={"optimizer": opt}, schedulers={"scheduler": sched},
                 configs={"model_config": cfg.model.to_dict(), "diffusion_config": cfg.diffusion.to_dict(),
                          **({"text_encoder": text_encoder.fingerprint()} if text_encoder else {})},
-                periodic=[Periodic(cfg.sample.every, samples)], logs=[debug.hashes, debug.keys])
+                periodic=[Periodic(cfg.sample.every, samples), Periodic(cfg.eval.every, evaluate)], logs=[debug.hashes, debug.keys])
     run_training(acc, task, cfg, out)
 
 

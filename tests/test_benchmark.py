@@ -6,7 +6,6 @@ import math
 import sys
 
 from scripts import benchmark
-from scripts.runtime.evaluation import frechet_distance
 from scripts.runtime.reference import model_section, unet_block_types
 
 EXPECTED = {
@@ -46,17 +45,6 @@ def test_quick_run_prints_finite_figures_and_null_references_without_diffusers(t
     assert text["gflops"] > plain["gflops"] and text["params_m"] > plain["params_m"]  # cross-attention costs
     reader = next(line for line in printed if line["bench"] == "reader")
     assert reader["reader_headroom"] > 1
-
-
-def test_frechet_distance_known_values():
-    import torch
-
-    x = torch.randn(4000, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    assert abs(frechet_distance(x, x)) < 1e-6
-    # same covariance, mean shifted by (1, 2, 2): distance = |shift|^2 = 9
-    assert abs(frechet_distance(x, x + torch.tensor([1.0, 2.0, 2.0], dtype=torch.float64)) - 9.0) < 1e-6
-    # N(0, I) vs N(0, 4I) in 3-D: 3 * (1 + 4 - 2 * 2) = 3, up to sampling error
-    assert abs(frechet_distance(x, 2 * torch.randn(4000, 3, dtype=torch.float64)) - 3.0) < 0.4
 
 
 def test_sampler_quality_on_a_trained_model(pipeline, tmp_path, capsys):

@@ -7,31 +7,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from evaluation.frechet import clip_features, frechet_distance
 from scripts.runtime.measure import setup
-
-
-def frechet_distance(a, b) -> float:
-    """Fréchet distance between Gaussian fits of two feature sets [N, D] (float64)."""
-    import torch
-
-    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
-    vals, vecs = torch.linalg.eigh(cov_a)
-    root_a = vecs @ torch.diag(vals.clamp_min(0).sqrt()) @ vecs.T
-    cross = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp_min(0).sqrt().sum()
-    return float((mu_a - mu_b).pow(2).sum() + cov_a.trace() + cov_b.trace() - 2 * cross)
-
-
-def _clip_features(latents):
-    """Whitened latents [N, C, T, h, w] -> [N, C*T*4] features: each frame's latent average-pooled
-    to 2x2, so the features keep the object's coarse position in every frame (its motion)."""
-    import torch.nn.functional as F
-
-    n, c, t, h, w = latents.shape
-    pooled = F.adaptive_avg_pool2d(latents.float().permute(0, 2, 1, 3, 4).reshape(n * t, c, h, w), 2)
-    return pooled.reshape(n, -1)
-
 
 JUMP_PX = 4.0  # a frame-to-frame move of the object's centre this large (32x32 frames) counts as a jump
 
@@ -76,13 +53,13 @@ def sampler_quality(spec: dict) -> dict:
                        text=text)
     sync()
     seconds = time.perf_counter() - start
-    feats = _clip_features(out)
-    result = {"fd_to_training": frechet_distance(feats, _clip_features(train[:n])), "s_per_video": seconds / n}
+    feats = clip_features(out)
+    result = {"fd_to_training": frechet_distance(feats, clip_features(train[:n])), "s_per_video": seconds / n}
     cache = Path(spec["cache"])
     if spec["sampler"] == "ddpm" and spec["steps"] == 250:
         torch.save(out, cache)
     elif cache.exists():
-        result["fd_to_ddpm250"] = frechet_distance(feats, _clip_features(torch.load(cache, weights_only=True)))
+        result["fd_to_ddpm250"] = frechet_distance(feats, clip_features(torch.load(cache, weights_only=True)))
     vae = FrameVAE.from_pretrained(demo / "vae" / "export").to(device).eval()
     frames = decode_to_uint8(vae, un_whiten(out, lat["stats"]), device=device)
     motion = motion_summary(frames, jump_px=JUMP_PX)  # videos with the object found in every frame
