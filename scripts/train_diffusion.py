@@ -92,6 +92,8 @@ def resolve_model_config(cfg: DiffusionRunConfig, manifest: dict, text_encoder=N
     classes and the text width."""
     if not cfg.data.shards:
         raise ConfigError("no shards given: pass --shards DIR (a folder written by encode_latents)")
+    if cfg.eval.every and cfg.eval.num_samples < 2:
+        raise ConfigError(f"eval.num_samples is {cfg.eval.num_samples}; the Fréchet distance needs at least 2")
     channels = manifest["latent_shape"][0]
     classes = len(manifest.get("labels") or []) if cfg.data.class_conditional else 0
     width = text_encoder.width if text_encoder is not None else 0

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import DIFF_TINY
+from helpers import DIFF_TINY, read_metrics, run_script
 
 from data.synthetic import make_synthetic_video, shuffled_frames
 from data.video_io import write_video
@@ -226,8 +226,6 @@ def test_evaluate_samples_a_checkpoint_then_scores_it_against_shards(pipeline, t
 
 
 def test_periodic_evaluation_during_training_logs_weight_free_metrics(pipeline, tmp_path):
-    from helpers import read_metrics
-
     from scripts import train_diffusion
 
     out = tmp_path / "d"
@@ -238,12 +236,6 @@ def test_periodic_evaluation_during_training_logs_weight_free_metrics(pipeline, 
     assert [r["step"] for r in rows] == [1, 2] and all(r["clips"] == 3 for r in rows)
     assert all(r["latent_fd"] > 0 and r["flicker_ratio"] > 0 for r in rows)
     assert rows[0]["latent_fd"] != rows[1]["latent_fd"]  # the model changed between them
-    r = subprocess_run_bad_eval(pipeline, tmp_path)
-    assert r.returncode != 0 and "eval.num_samples is 1" in r.stderr
-
-
-def subprocess_run_bad_eval(pipeline, tmp_path):
-    from helpers import run_script
-
-    return run_script("train_diffusion", "--config", DIFF_TINY, "--shards", pipeline.shards, "--output-dir",
-                      tmp_path / "bad", "--max-steps", "1", "eval.every=1", "eval.num_samples=1")
+    r = run_script("train_diffusion", "--config", DIFF_TINY, "--shards", pipeline.shards, "--output-dir",
+                   tmp_path / "bad", "--max-steps", "1", "eval.every=1", "eval.num_samples=1")
+    assert r.returncode == 2 and "error: eval.num_samples is 1" in r.stderr and not (tmp_path / "bad" / "checkpoints").exists()
