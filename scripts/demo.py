@@ -14,6 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
+from scripts import report as report_page
 from scripts.quality import BUILTIN_TEXT_LENGTH, builtin_text_encoder, write_prompts
 from scripts.runtime.stages import run_stage, spread
 
@@ -119,6 +120,8 @@ def main(argv=None) -> int:
     print("\n[demo] videos:")
     for p in sorted(samples.glob("*.mp4")) + sorted(samples.glob("*.gif")) + sorted(samples.glob("*-strip.png")):
         print("  ", p)
+    report_page.main([str(out)])  # curves, the samples playing, configs, provenance: open it in a browser
+    print(f"[demo] run report: {out / 'report.html'}")
     return 0
 
 
