@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from .files import seed_from
+from .remote import NETWORK_ERRORS, RETRIES, as_location, is_remote
 from .shards import MANIFEST, TEXT_EXTS, ShardError, check_shard_files, load_manifest
 from .stats import LatentStats, load_stats, whiten
 
@@ -96,23 +97,44 @@ def _slot_shards(plan, rank: int, world_size: int, num_workers: int, offset: int
     return iter([(entry, (slot, slots)) for entry in order])
 
 
-def _read_shards(src, folder: Path):
-    """Raw samples of each shard; a shard that is unreadable or has the wrong sample count is an error."""
+def _shard_samples(path, skip: int):
+    """The raw samples of one shard file or URL after the first `skip` (a re-opened URL starts
+    over: the samples read before its connection dropped are passed by, not yielded twice)."""
+    with (path.open() if is_remote(path) else open(path, "rb")) as stream:  # not by URL string: any folder name works
+        for i, sample in enumerate(group_by_keys(tar_file_expander([{"url": str(path), "stream": stream}]))):
+            if i >= skip:
+                yield sample
+
+
+def _read_shards(src, folder):
+    """Raw samples of each shard; a shard that is unreadable or has the wrong sample count is an
+    error. A shard at a URL whose connection drops is re-opened up to RETRIES times (then an error
+    naming it); a 404 is an error at once."""
     index = 0  # running sample index over the epoch's shard order (sample-level split)
     for entry, sample_filter in src:
         path = folder / entry["name"]
-        count = 0
-        try:
-            with open(path, "rb") as stream:  # opened here, not by URL: any folder name works
-                for sample in group_by_keys(tar_file_expander([{"url": str(path), "stream": stream}])):
+        count, tries = 0, 0
+        while True:
+            try:
+                for sample in _shard_samples(path, count):
                     count += 1
                     if sample_filter is None or index % sample_filter[1] == sample_filter[0]:
                         yield sample
                     index += 1
-        except ShardError:
-            raise
-        except Exception as e:  # tarfile.ReadError, EOF inside a member, duplicate names ...
-            raise ShardError(f"{path}: unreadable or truncated shard after {count} samples ({e})") from e
+                break
+            except ShardError:
+                raise
+            except FileNotFoundError as e:
+                raise ShardError(f"{path}: not found ({e}); listed in {folder / MANIFEST}") from None
+            except NETWORK_ERRORS as e:
+                if not is_remote(path) or tries == RETRIES:
+                    what = f"connection failed {tries + 1} times" if is_remote(path) else "unreadable or truncated shard"
+                    raise ShardError(f"{path}: {what} after {count} samples ({type(e).__name__}: {e})") from e
+                tries += 1
+                print(f"[shards] {path}: connection dropped after {count} samples ({type(e).__name__}); "
+                      f"retry {tries} of {RETRIES}", flush=True)
+            except Exception as e:  # tarfile.ReadError, EOF inside a member, duplicate names ...
+                raise ShardError(f"{path}: unreadable or truncated shard after {count} samples ({e})") from e
         if count != entry["samples"]:
             raise ShardError(
                 f"{path}: holds {count} samples but {folder / MANIFEST} lists {entry['samples']} "
@@ -219,15 +241,18 @@ def collate(samples: list[dict]) -> dict:
 def _open(folder_or_urls, kind: str) -> tuple[Path, dict, list[dict]]:
     """(folder, manifest, listed entries of `kind`) for a shards folder, a list of its shard files, or
     brace-expanded names of them (WebDataset style: "shards/video-{000000..000009}.tar")."""
-    if isinstance(folder_or_urls, (str, Path)) and Path(folder_or_urls).is_dir():
+    single = isinstance(folder_or_urls, (str, Path))
+    if single and is_remote(folder_or_urls) and not str(folder_or_urls).endswith(".tar"):
+        folder, names = as_location(folder_or_urls), None  # a shards folder at a URL
+    elif single and Path(folder_or_urls).is_dir():
         folder, names = Path(folder_or_urls), None
     else:
-        given = [folder_or_urls] if isinstance(folder_or_urls, (str, Path)) else folder_or_urls
-        paths = [Path(p) for item in given for p in wds.shardlists.expand_urls(str(item))]
-        parents = {p.parent for p in paths}
+        given = [folder_or_urls] if single else folder_or_urls
+        paths = [as_location(p) for item in given for p in wds.shardlists.expand_urls(str(item))]
+        parents = {str(p.parent): p.parent for p in paths}
         if len(parents) != 1:
-            raise ShardError(f"shard files must come from one folder (with its {MANIFEST}), got {sorted(map(str, parents))}")
-        folder, names = parents.pop(), {p.name for p in paths}
+            raise ShardError(f"shard files must come from one folder (with its {MANIFEST}), got {sorted(parents)}")
+        folder, names = next(iter(parents.values())), {p.name for p in paths}
     manifest = load_manifest(folder)
     listed = {e["name"] for e in manifest["shards"]}
     if names is not None and names - listed:

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .files import atomic_write, sha256_file, write_json_atomic
+from .remote import as_location, is_remote
 from .stats import RunningStats
 
 FORMAT = "lvd-latent-shards"
@@ -197,7 +198,7 @@ def finalize(folder: str | Path, sidecars: list[dict], caption_problems: list[di
 
 def load_manifest(folder: str | Path) -> dict:
     """Read `folder/manifest.json`; a missing or corrupt file is a ShardError naming it."""
-    path = Path(folder) / MANIFEST
+    path = as_location(folder) / MANIFEST
     try:
         manifest = json.loads(path.read_text())
     except FileNotFoundError:
@@ -234,8 +235,11 @@ class VerifyReport:
 
 
 def check_shard_files(folder: str | Path, manifest: dict, full_hash: bool) -> list[str]:
-    """Problems with the listed shards: missing, wrong size, (full_hash) wrong sha256."""
-    folder, problems = Path(folder), []
+    """Problems with the listed shards: missing, wrong size, (full_hash) wrong sha256. At a URL:
+    missing and size (where the server gives it), never the sha256 (that would download them all)."""
+    folder, problems = as_location(folder), []
+    if is_remote(folder):
+        return _check_remote_shards(folder, manifest)
     for entry in manifest["shards"]:
         path = folder / entry["name"]
         if not path.exists():
@@ -244,6 +248,36 @@ def check_shard_files(folder: str | Path, manifest: dict, full_hash: bool) -> li
             problems.append(f"{path}: size {path.stat().st_size} bytes, manifest says {entry['bytes']} (truncated?)")
         elif full_hash and sha256_file(path) != entry["sha256"]:
             problems.append(f"{path}: sha256 differs from {MANIFEST} (corrupted or modified)")
+    return problems
+
+
+_CHECKED_REMOTE: set = set()  # (folder URL, shard names) found complete once in this process
+
+
+def _check_remote_shards(folder, manifest: dict) -> list[str]:
+    key = (str(folder), tuple(e["name"] for e in manifest["shards"]))
+    if key in _CHECKED_REMOTE:  # the loaders rebuild their dataset every epoch: one check is enough
+        return []
+    problems, unsized = [], 0
+    for entry in manifest["shards"]:
+        try:
+            size = (folder / entry["name"]).size()
+        except FileNotFoundError:
+            problems.append(f"{folder / entry['name']}: missing (HTTP 404; listed in {MANIFEST})")
+            continue
+        except OSError as e:
+            problems.append(f"{folder / entry['name']}: {e}")
+            continue
+        if size is None:
+            unsized += 1
+        elif size != entry["bytes"]:
+            problems.append(f"{folder / entry['name']}: size {size} bytes, manifest says {entry['bytes']} (truncated?)")
+    skipped = "sha256 not checked (a remote check would download every shard)"
+    if unsized:
+        skipped += f"; {unsized} shards' sizes not given by the server"
+    if not problems:
+        _CHECKED_REMOTE.add(key)
+        print(f"[shards] {folder}: {len(manifest['shards'])} listed shards found; {skipped}", flush=True)
     return problems
 
 

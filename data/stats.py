@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from .files import write_json_atomic
+from .remote import as_location, is_remote
 
 STD_FLOOR = 1e-6  # a constant channel would otherwise whiten to inf/nan
 
@@ -156,8 +157,8 @@ def un_whiten(x, stats: LatentStats | dict | None):
 
 def load_stats(path: str | Path) -> LatentStats:
     """Read `stats.json` (or a shards folder holding one); errors name the file."""
-    path = Path(path)
-    if path.is_dir():
+    path = as_location(path)
+    if is_remote(path) and not str(path).endswith(".json") or not is_remote(path) and path.is_dir():
         path = path / "stats.json"
     try:
         d = json.loads(path.read_text())

@@ -127,21 +127,44 @@ def _write_shards(folder: Path, n: int, latent_shape: tuple, per_shard: int = 64
     finalize(folder, sides, clip_len=latent_shape[1], autoencoder={"weights_sha256": "00" * 32}, encoding={}, labels=[])
 
 
+def _serve(folder: str):
+    """A standard-library HTTP server for `folder` on 127.0.0.1 (a thread) -> (server, base URL)."""
+    import functools
+    import http.server
+    import threading
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=folder))
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv, f"http://127.0.0.1:{srv.server_address[1]}/"
+
+
 def run_reader(spec: dict) -> dict:
-    """Reader samples/s (one epoch, num_workers=0) vs samples/s one training step consumes."""
+    """Reader samples/s (one epoch, num_workers=0) from the folder and from the same folder served
+    over HTTP on 127.0.0.1, vs samples/s one training step consumes."""
     from data.latents import make_latent_loader
 
     device, autocast, sync = setup(spec)
     with tempfile.TemporaryDirectory() as tmp:
         _write_shards(Path(tmp), spec["samples"], (4, spec["T"], spec["hw"], spec["hw"]))
-        loader = make_latent_loader(tmp, kind="video", batch_size=spec["B"], shuffle_buffer=spec["B"] * 8)
-        reader = measure(spec, lambda: sum(len(b["key"]) for b in loader), device, sync, count_flops=False)
-    reader_sps = spec["samples"] / (reader["ms"] / 1e3)
+        srv, url = _serve(tmp)
+        rates = {}
+        for name, source in (("reader", tmp), ("reader_http", url)):
+            loader = make_latent_loader(source, kind="video", batch_size=spec["B"], shuffle_buffer=spec["B"] * 8)
+            rates[name] = measure(spec, lambda loader=loader: sum(len(b["key"]) for b in loader), device, sync,
+                                  count_flops=False)  # fmt: skip
+        srv.shutdown()
+    reader_sps, http_sps = (spec["samples"] / (rates[k]["ms"] / 1e3) for k in ("reader", "reader_http"))
     _, step = _train_step({**spec, "impl": "ours"}, device, autocast)
     train = measure(spec, step, device, sync, count_flops=False)
     consumed = spec["B"] / (train["ms"] / 1e3)
-    return {"reader_samples_per_s": reader_sps, "train_step_ms": train["ms"], "train_samples_per_s": consumed,
-            "reader_headroom": reader_sps / consumed, "peak_mem_mb": max(reader["peak_mem_mb"], train["peak_mem_mb"])}  # fmt: skip
+    return {"reader_samples_per_s": reader_sps, "reader_http_samples_per_s": http_sps, "http_vs_folder": http_sps / reader_sps,
+            "train_step_ms": train["ms"], "train_samples_per_s": consumed, "reader_headroom": reader_sps / consumed,
+            "reader_http_headroom": http_sps / consumed,
+            "peak_mem_mb": max(rates["reader"]["peak_mem_mb"], train["peak_mem_mb"])}  # fmt: skip
 
 
 def run_encode(spec: dict) -> dict:

@@ -19,6 +19,7 @@ import torch
 from autoencoder.model import weights_hash
 from data.errors import BadInputError
 from data.latents import make_training_batches
+from data.remote import as_location
 from data.shards import ShardError, load_manifest
 from diffusion.conditioning import drop_labels, drop_text, image_frames, training_frame_masks
 from diffusion.config import DiffusionConfig, UNetConfig
@@ -110,7 +111,7 @@ def open_text_encoder(cfg, manifest: dict, device):
         raise ShardError(f"{cfg.data.shards}: text.encoder is set but the shards hold no captions "
                          "(caption the data: NAME.txt sidecars, captions.csv or captions.jsonl; then re-encode)")
     enc = load_text_encoder(cfg.text.encoder, cfg.text.max_length, device)
-    check_same_encoder(enc.fingerprint(), text.get("text_encoder"), f"{Path(cfg.data.shards) / 'manifest.json'}: the shards")
+    check_same_encoder(enc.fingerprint(), text.get("text_encoder"), f"{as_location(cfg.data.shards) / 'manifest.json'}: the shards")
     return enc
 
 
@@ -211,7 +212,7 @@ def train(args) -> None:
 
     def export():
         save_diffusion_export(out / "export", ema.averaged_model(raw).cpu(), cfg.model, cfg.diffusion, manifest,
-                              Path(cfg.data.shards), fps=fps, text_encoder=text_encoder)
+                              cfg.data.shards, fps=fps, text_encoder=text_encoder)
 
     task = Task(name="diffusion", model=raw, ema=ema, guard=guard, batches=batches, step=step, export=export,
                 optimizers={"optimizer": opt}, schedulers={"scheduler": sched},
