@@ -33,13 +33,13 @@ from scripts.runtime.measure import MEM_METHOD, PeakMemory, measure, setup
 from scripts.runtime.reference import build_unet, build_vae, model_section
 
 ROOT = Path(__file__).resolve().parent.parent
-BENCHES = ("vae", "encode", "reader", "unet", "sampling", "sampler_quality", "quality")
+BENCHES = ("vae", "encode", "reader", "unet", "sampling", "sampler_quality", "quality", "fastpath")
 DEFAULT_BENCHES = BENCHES[:5]  # sampler_quality needs a trained demo (make demo) and ~10 CPU minutes;
 # quality (scripts.quality) trains the whole pipeline end to end: ~40 CPU minutes
 SAMPLER_QUALITY_RUNS = [("training", 0), ("ddpm", 250), ("dpmpp_2m", 5), ("dpmpp_2m", 10), ("dpmpp_2m", 15),
                         ("dpmpp_2m", 25), ("dpmpp_2m", 50), ("ddim", 50)]
 # default repeats per bench (timed calls after one warm-up call); --repeats overrides all of them
-REPEATS = {"vae": 3, "encode": 2, "reader": 3, "unet": 1, "sampling": 1, "sampler_quality": 1}
+REPEATS = {"vae": 3, "encode": 2, "reader": 3, "unet": 1, "sampling": 1, "sampler_quality": 1, "fastpath": 3}
 
 # ----------------------------------------------------------------------------- worker side (one measurement)
 
@@ -76,12 +76,15 @@ def run_vae(spec: dict) -> dict:
 
 
 def _train_step(spec: dict, device, autocast):
-    """A closure doing forward + MSE + backward + AdamW step, like one stage-2 training step."""
+    """A closure doing forward + MSE + backward + AdamW step, like one stage-2 training step
+    (spec "fused" / "channels_last": the fast path's optimizer and memory format)."""
     import torch
 
     net, call = build_unet(spec["impl"], spec["config"], spec.get("gc", False), spec.get("text", 0))
     net.to(device).train()
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    if spec.get("channels_last"):
+        net.to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=spec.get("fused") or None)
     gen = torch.Generator().manual_seed(0)
     shape = (spec["B"], 4, spec["T"], spec["hw"], spec["hw"])
     x, target = (torch.randn(shape, generator=gen).to(device) for _ in range(2))
@@ -103,7 +106,47 @@ def run_unet(spec: dict) -> dict:
     net, step = _train_step(spec, device, autocast)
     out = measure(spec, step, device, sync)
     params = sum(p.numel() for p in net.parameters())
-    return {**out, "ms_per_frame": out["ms"] / (spec["B"] * spec["T"]), "params_m": params / 1e6}
+    return {**out, "ms_per_frame": out["ms"] / (spec["B"] * spec["T"]), "params_m": params / 1e6, **_mfu(spec, out)}
+
+
+# dense peak TFLOP/s by GPU name and dtype (vendor data sheets; bf16 on tensor cores, fp32 without
+# TF32): the denominator of model FLOP utilisation. Others: --peak-tflops.
+GPU_PEAK_TFLOPS = {"H200": {"bf16": 989.4, "fp32": 66.9}, "H100": {"bf16": 989.4, "fp32": 66.9},
+                   "A100": {"bf16": 312.0, "fp32": 19.5}, "L4": {"bf16": 121.0, "fp32": 30.3},
+                   "L40S": {"bf16": 362.1, "fp32": 91.6}}  # fmt: skip
+
+
+def _mfu(spec: dict, out: dict) -> dict:
+    """GPU name, its peak and the model FLOP utilisation (achieved GFLOP/s over the peak) on CUDA."""
+    import torch
+
+    if not spec["device"].startswith("cuda") or "gflop_per_s" not in out:
+        return {}
+    name = torch.cuda.get_device_name(torch.device(spec["device"]))
+    peak = spec.get("peak_tflops") or next((v[spec["dtype"]] for k, v in GPU_PEAK_TFLOPS.items() if k in name), None)
+    return {"gpu": name, "peak_tflops": peak, "mfu": out["gflop_per_s"] / (peak * 1e3) if peak else None}
+
+
+def run_fastpath(spec: dict) -> dict:
+    """The base U-Net train step with one fast-path variant (dtype, torch.compile, channels-last,
+    fused AdamW). FLOPs are counted on an eager call; a compiled variant's first call (compilation)
+    is timed apart as compile_s."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    device, autocast, sync = setup(spec)
+    net, step = _train_step({**spec, "impl": "ours"}, device, autocast)
+    with FlopCounterMode(display=False) as counter:
+        step()
+    gflops, compile_s = counter.get_total_flops() / 1e9, None
+    if spec.get("compile"):
+        net.compile()
+        start = time.perf_counter()
+        step()
+        sync()
+        compile_s = time.perf_counter() - start
+    out = measure(spec, step, device, sync, count_flops=False)
+    out.update(gflops=gflops, gflop_per_s=gflops / (out["ms"] / 1e3), compile_s=compile_s)
+    return {**out, **_mfu(spec, out)}
 
 
 def _write_shards(folder: Path, n: int, latent_shape: tuple, per_shard: int = 64) -> None:
@@ -232,7 +275,7 @@ def run_sampling(spec: dict) -> dict:
     return {**out, "s_per_video": out["ms"] / 1e3, "nfe": nfe, "ms_per_nfe": out["ms"] / max(nfe, 1)}
 
 
-WORKERS = {"vae": run_vae, "unet": run_unet, "reader": run_reader, "encode": run_encode, "sampling": run_sampling,
+WORKERS = {"vae": run_vae, "unet": run_unet, "reader": run_reader, "fastpath": run_fastpath, "encode": run_encode, "sampling": run_sampling,
            "sampler_quality": sampler_quality}
 
 # ----------------------------------------------------------------------------- parent side (plan, spawn, report)
@@ -261,6 +304,12 @@ def plan(bench: str, quick: bool) -> list[dict]:
         specs += [dict(bench="unet", config=c, B=b, T=t, hw=hw, gc=False) for t in ts]
         # text-to-video: cross-attention to 32 tokens of a T5-base-wide prompt (64 wide when quick)
         return specs + [dict(bench="unet", config=c, B=b, T=ts[0], hw=hw, gc=False, text=64 if quick else 768)]
+    if bench == "fastpath":  # --dtype does not apply: each variant names its own
+        shape = dict(config="tiny", B=1, T=4, hw=8) if quick else dict(config="base", B=2, T=16, hw=32)
+        variants = [("fp32", False, False, False), ("bf16", False, False, False), ("bf16", False, True, True)]
+        if not quick:  # compilation takes minutes on CPU
+            variants += [("fp32", True, False, False), ("bf16", True, False, False), ("bf16", True, True, True)]
+        return [dict(bench="fastpath", **shape, dtype=d, compile=c, channels_last=cl, fused=f) for d, c, cl, f in variants]
     if bench == "sampler_quality":
         n, steps = (8, [("ddpm", 250), ("dpmpp_2m", 5)]) if quick else (48, SAMPLER_QUALITY_RUNS)
         return [dict(bench="sampler_quality", sampler=s, steps=k, N=n, guidance_scale=3.0, seed=1) for s, k in steps]
@@ -305,7 +354,7 @@ def _ratios(bench: str, ours: dict, ref: dict) -> dict:
 
 def report(spec: dict, ours: dict, ref: dict | None, reason: str | None, args) -> dict:
     """One output line: the spec, our figures, the reference's (or null + reason), ratios, context."""
-    line = {k: v for k, v in spec.items() if k not in ("repeats", "impl", "device", "dtype", "threads", "cache", "full_reference")}
+    line = {k: v for k, v in spec.items() if k not in ("repeats", "impl", "device", "dtype", "threads", "cache", "full_reference", "peak_tflops")}
     line["bench"] = {"vae": f"vae_{spec.get('op')}", "unet": "unet_train_step"}.get(spec["bench"], spec["bench"])
     line.update(ours)
     if spec["bench"] in ("vae", "unet"):
@@ -314,7 +363,7 @@ def report(spec: dict, ours: dict, ref: dict | None, reason: str | None, args) -
             line["reference_reason"] = reason
         else:
             line.update(_ratios(spec["bench"], ours, ref))
-    line.update(device=args.device, dtype=args.dtype, repeats=spec["repeats"], threads=_threads(args), mem_method=MEM_METHOD[args.device.split(":")[0]],
+    line.update(device=args.device, dtype=spec["dtype"], repeats=spec["repeats"], threads=_threads(args), mem_method=MEM_METHOD[args.device.split(":")[0]],
                 loadavg=[round(v, 2) for v in os.getloadavg()])  # fmt: skip
     return line
 
@@ -372,6 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast, fp32 weights")
     p.add_argument("--threads", type=int, default=None, help="CPU threads per measurement (default: torch's)")
     p.add_argument("--no-reference", action="store_true", help="skip the diffusers reference models")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="the GPU's dense peak TFLOP/s at --dtype, for MFU (default: a table of known GPUs)")
     p.add_argument("--full-reference", action="store_true", help="also the reference U-Net at T = 32 (slow on CPU)")
     p.add_argument("--output", type=Path, default=None, help="also write the JSON lines to this file")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: one measurement, JSON spec
@@ -405,8 +456,9 @@ def main(argv=None) -> int:
             items = plan(bench, args.quick)
             for index, item in enumerate(items):
                 repeats = args.repeats or (1 if args.quick else REPEATS[bench])
-                spec = {**item, "impl": "ours", "device": args.device, "dtype": args.dtype, "repeats": repeats,
-                        "threads": args.threads, "full_reference": args.full_reference}
+                spec = {"impl": "ours", "device": args.device, "dtype": args.dtype, "repeats": repeats,
+                        "threads": args.threads, "full_reference": args.full_reference,
+                        "peak_tflops": args.peak_tflops, **item}
                 if bench == "sampler_quality":
                     spec.update(demo_dir=str(args.demo_dir), cache=str(Path(scratch) / "ddpm250.pt"))
                     missing = [p for p in ("diffusion/export", "vae/export", "shards") if not (args.demo_dir / p).exists()]
@@ -417,6 +469,8 @@ def main(argv=None) -> int:
                 ours = spawn(spec)
                 ref, why = _reference_for(spec, reason)
                 lines.append(report(spec, ours, ref, why, args))
+                if bench == "fastpath" and index and "ms" in ours and "ms" in lines[-1 - index]:
+                    lines[-1]["speedup_vs_fp32_eager"] = lines[-1 - index]["ms"] / ours["ms"]
                 extra = _scaling_line(lines) if bench == "unet" and index == len(items) - 1 else None
                 for line in [lines[-1]] + ([extra] if extra else []):
                     text = json.dumps(line)

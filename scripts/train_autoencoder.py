@@ -30,6 +30,8 @@ from scripts.runtime.training import (
     MetricsLog,
     NonFiniteGuard,
     TrainingStopped,
+    adamw,
+    fast_path,
     finish_step,
     grad_norms,
     inject_inf_gradient,
@@ -117,11 +119,12 @@ def train(args) -> None:
 
     train_set, val_images, val_clips = build_datasets(cfg)
     seed_init(tc.seed)  # initial weights and the (uncheckpointed) LPIPS backbone depend on the seed only
-    model = FrameVAE(cfg.model)
+    model = fast_path(FrameVAE(cfg.model).to(device), tc)
     criterion = VAELoss(cfg.loss).to(device)
     disc = criterion.discriminator
-    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=(0.5, 0.9), weight_decay=tc.weight_decay)
-    opt_d = torch.optim.AdamW(disc.parameters(), lr=tc.lr * cfg.loss.disc_lr_mult, betas=(0.5, 0.9))
+    opt = adamw(model.parameters(), tc, device, betas=(0.5, 0.9), weight_decay=tc.weight_decay)
+    opt_d = torch.optim.AdamW(disc.parameters(), lr=tc.lr * cfg.loss.disc_lr_mult, betas=(0.5, 0.9),
+                              fused=opt.defaults.get("fused"))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tc))
     sched_d = torch.optim.lr_scheduler.LambdaLR(opt_d, lr_lambda(tc))
     model, disc, opt, opt_d = acc.prepare(model, disc, opt, opt_d)

@@ -171,9 +171,9 @@ def train(args) -> None:
     text = CaptionText(text_encoder) if text_encoder is not None else None
 
     rt.seed_init(tc.seed)  # initial weights depend on the seed only (same on every run and rank)
-    model = UNet3D(cfg.model)
+    model = rt.fast_path(UNet3D(cfg.model).to(device), tc)
     diffusion = GaussianDiffusion(cfg.diffusion)
-    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    opt = rt.adamw(model.parameters(), tc, device, weight_decay=tc.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, rt.lr_lambda(tc))
     model, opt = acc.prepare(model, opt)
     raw = acc.unwrap_model(model)

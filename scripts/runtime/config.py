@@ -61,10 +61,17 @@ class TrainConfig:
     max_nonfinite: int = 5  # stop after this many non-finite losses/gradients in a row
     num_workers: int = 0
     tensorboard: bool = False
+    # the fast path (scripts.runtime.training.fast_path): torch.compile of the model (falls back to
+    # eager with a warning when compilation fails), fused AdamW ("auto": on CUDA), channels-last
+    compile: bool = False
+    fused_adamw: str = "auto"  # auto | on | off
+    channels_last: bool = False
 
     def __post_init__(self):
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ConfigError(f"train.mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
+        if self.fused_adamw not in ("auto", "on", "off"):
+            raise ConfigError(f"train.fused_adamw must be auto, on or off, got {self.fused_adamw!r}")
         if self.lr_decay not in ("constant", "cosine", "linear"):
             raise ConfigError(f"train.lr_decay must be constant, cosine or linear, got {self.lr_decay!r}")
 
