@@ -148,7 +148,12 @@ class EMA:
         return model
 
     def averaged_model(self, model: nn.Module) -> nn.Module:
-        return self.copy_to(copy.deepcopy(model)).eval()
+        """An eager copy of `model` with the averaged weights (train.compile's in-place compilation
+        is for training steps; sampling and export run the plain module)."""
+        averaged = copy.deepcopy(model)
+        if getattr(averaged, "_compiled_call_impl", None) is not None:
+            averaged._compiled_call_impl = None
+        return self.copy_to(averaged).eval()
 
 
 # ----------------------------------------------------------------------------- schedule, guard
