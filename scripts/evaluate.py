@@ -14,6 +14,7 @@ shards folder (latents; decoded with the autoencoder that made them for the pixe
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -154,7 +155,9 @@ def sample_first(args) -> None:
 
     argv = ["--checkpoint", str(args.checkpoint), "--num-samples", str(args.num_samples), "--output-dir",
             str(args.samples), "--format", "mp4", "--seed", str(args.seed), *args.sample_arg]
-    if sample.main(argv) != 0:
+    with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the metric lines
+        rc = sample.main(argv)
+    if rc != 0:
         raise ConfigError(f"--checkpoint {args.checkpoint}: sampling failed (see above)")
 
 

@@ -221,6 +221,7 @@ def test_evaluate_samples_a_checkpoint_then_scores_it_against_shards(pipeline, t
     assert evaluate.main(["--checkpoint", str(tmp_path / "d" / "export"), "--samples", str(out), "--num-samples", "3",
                           "--sample-arg=--steps=2", "--reference", str(pipeline.shards)]) == 0  # fmt: skip
     rows = {r["metric"]: r for r in map(json.loads, (out / "evaluation.jsonl").read_text().splitlines())}
+    assert [json.loads(x)["metric"] for x in capsys.readouterr().out.splitlines()] == list(rows)  # only metric lines
     assert len(list(out.glob("*.mp4"))) == 3 and rows["latent_fd"]["value"] > 0 and rows["latent_fd"]["clips"] == 3
     assert rows["fvd"]["value"] is None and "--i3d" in rows["fvd"]["skipped"]
 
