@@ -11,21 +11,30 @@ import torch
 
 
 def training_frame_masks(x0: torch.Tensor, cond_prob: float, prefix_prob: float,
-                         generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                         generator: torch.Generator | None = None, interp_prob: float = 0.0,
+                         interp_strides: tuple[int, ...] = (2, 4)) -> tuple[torch.Tensor, torch.Tensor]:
     """Random frames given to the model for some clips of x0 [B, C, T, h, w].
 
-    With probability `cond_prob` a clip gets K ~ U{1..T-1} frames given (at least one is always
-    generated): its first K frames with probability `prefix_prob`, else K frames at random.
-    Returns cond_mask [B, 1, T, 1, 1] (1 = given, x0's dtype and device) and the loss mask [B, T]
-    (0 on given frames: no loss there). Images (T = 1) are never given frames."""
+    With probability `cond_prob` a clip gets frames given (at least one is always generated): with
+    probability `interp_prob` every k-th frame from the first (k drawn from `interp_strides`: the
+    temporal-interpolation pattern), else K ~ U{1..T-1} frames: its first K with probability
+    `prefix_prob`, else K at random. Returns cond_mask [B, 1, T, 1, 1] (1 = given, x0's dtype and
+    device) and the loss mask [B, T] (0 on given frames: no loss there). Images (T = 1) are never
+    given frames. With interp_prob = 0 no extra numbers are drawn (runs from before it repeat)."""
     b, _, t = x0.shape[:3]
     mask = torch.zeros(b, t)
     if t > 1 and cond_prob > 0:
         use = torch.rand(b, generator=generator) < cond_prob
         prefix = torch.rand(b, generator=generator) < prefix_prob
         k = torch.randint(1, t, (b,), generator=generator)  # 1..T-1 frames given
+        interp, stride = torch.zeros(b, dtype=torch.bool), torch.zeros(b, dtype=torch.long)
+        if interp_prob > 0:
+            interp = torch.rand(b, generator=generator) < interp_prob
+            stride = torch.as_tensor(interp_strides)[torch.randint(len(interp_strides), (b,), generator=generator)]
         for i in torch.nonzero(use).flatten().tolist():
-            if prefix[i]:
+            if interp[i]:
+                mask[i, :: int(stride[i])] = 1  # frames 0, k, 2k, ...; a stride >= 2 leaves frame 1 to generate
+            elif prefix[i]:
                 mask[i, : k[i]] = 1
             else:
                 mask[i, torch.randperm(t, generator=generator)[: k[i]]] = 1

@@ -53,6 +53,9 @@ class CondConfig:
     text_dropout: float = 0.1  # captions replaced by the null text (drawn with the labels' draw)
     frame_cond_prob: float = 0.3  # clips that get some frames given (prediction / extension)
     frame_cond_prefix_prob: float = 0.7  # of those: a prefix (else a random subset) is given
+    # of the conditioned clips: every k-th frame given (temporal interpolation), k from the strides
+    frame_cond_interp_prob: float = 0.0
+    frame_cond_interp_strides: tuple[int, ...] = (2, 4)
 
 
 @dataclass
@@ -93,6 +96,9 @@ def resolve_model_config(cfg: DiffusionRunConfig, manifest: dict, text_encoder=N
     classes and the text width."""
     if not cfg.data.shards:
         raise ConfigError("no shards given: pass --shards DIR (a folder written by encode_latents)")
+    if cfg.cond.frame_cond_interp_prob and (not cfg.cond.frame_cond_interp_strides
+                                            or min(cfg.cond.frame_cond_interp_strides) < 2):
+        raise ConfigError(f"cond.frame_cond_interp_strides must be >= 2 (got {cfg.cond.frame_cond_interp_strides})")
     if cfg.eval.every and cfg.eval.num_samples < 2:
         raise ConfigError(f"eval.num_samples is {cfg.eval.num_samples}; the Fréchet distance needs at least 2")
     channels = manifest["latent_shape"][0]
@@ -244,7 +250,8 @@ def train_step(acc, model, diffusion, opt, sched, guard, cfg, vb, ib, step, text
             logs["loss_image"] = out["loss"].mean().item()
         kwargs, loss_mask = {}, None  # a model without frame conditioning is given no frames: loss on all
         if cfg.model.frame_conditioning:
-            cond_mask, loss_mask = training_frame_masks(x_vid, cc.frame_cond_prob, cc.frame_cond_prefix_prob, g)
+            cond_mask, loss_mask = training_frame_masks(x_vid, cc.frame_cond_prob, cc.frame_cond_prefix_prob, g,
+                                                        cc.frame_cond_interp_prob, cc.frame_cond_interp_strides)
             kwargs.update(cond_frames=x_vid * cond_mask, cond_mask=cond_mask)
         kwargs.update(_conditions(vb, cfg, g, text, device))
         with acc.autocast():

@@ -53,6 +53,30 @@ def test_frame_masks_give_prefixes_and_subsets_never_every_frame():
     assert set(given[used].long().tolist()) == set(range(1, 8))  # every K in 1..T-1 occurs
 
 
+def test_interpolation_masks_give_every_kth_frame_exactly_and_leave_old_draws_alone():
+    x0 = torch.zeros(3000, 4, 9, 2, 2)  # odd length: the last frame is known for k = 2 and 4
+    cond, loss = training_frame_masks(x0, cond_prob=0.6, prefix_prob=0.5, generator=_g(5), interp_prob=0.5,
+                                      interp_strides=(2, 4))  # fmt: skip
+    m = cond[:, 0, :, 0, 0]
+    assert torch.equal(loss, 1 - m)
+    every = {k: (torch.arange(9) % k == 0).float() for k in (2, 3, 4)}
+    kinds = [next((k for k, e in every.items() if torch.equal(r, e)), None) for r in m[m.sum(1) > 0]]
+    share = {k: kinds.count(k) / len(kinds) for k in (2, 3, 4)}
+    assert share[3] == 0 and 0.2 < share[2] < 0.3 and 0.2 < share[4] < 0.3  # half of the clips, k split evenly
+    # off (the default): the masks the code made before the option existed, draw for draw (the
+    # earlier algorithm, written out here), so runs and resumes from before it repeat exactly
+    g, b, t = _g(5), 300, 9
+    use, prefix, k = torch.rand(b, generator=g) < 0.6, torch.rand(b, generator=g) < 0.5, torch.randint(1, t, (b,), generator=g)
+    before = torch.zeros(b, t)
+    for i in torch.nonzero(use).flatten().tolist():
+        if prefix[i]:
+            before[i, : k[i]] = 1
+        else:
+            before[i, torch.randperm(t, generator=g)[: k[i]]] = 1
+    now, _ = training_frame_masks(x0[:b], cond_prob=0.6, prefix_prob=0.5, generator=_g(5))
+    assert torch.equal(now[:, 0, :, 0, 0], before) and before.sum() > 0
+
+
 @pytest.mark.parametrize("t", [1, 8])
 def test_no_frames_given_to_images_or_when_off(t):
     x0 = torch.zeros(16, 4, t, 2, 2)
