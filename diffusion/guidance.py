@@ -124,3 +124,36 @@ def extend_video(
         n_new = min(window - n_ctx, total_frames - video.shape[2])
         video = torch.cat([video, new[:, :, n_ctx : n_ctx + n_new].to(video.dtype)], dim=2)
     return video
+
+
+def interpolate_video(sample_fn: SampleFn, known: torch.Tensor, factor: int, window: int, overlap: int) -> torch.Tensor:
+    """Temporal interpolation (frame-rate upsampling) with a sliding window: `known` [B, C, N, h, w]
+    becomes [B, C, N * factor, h, w] with known frame i at position i * factor, kept exactly, and
+    the frames between (and the factor - 1 after the last) sampled. Each window of `window` frames
+    (the last one moved back to end at the last frame) is given every frame already fixed inside
+    it (the known ones, and those an earlier window generated in the `overlap`), by the same
+    `sample_fn(context, mask)` as `extend_video`, so frame conditioning and reconstruction
+    guidance both work."""
+    b, c, n, h, w = known.shape
+    if factor < 1 or n < 1:
+        raise ValueError(f"need factor >= 1 and at least one known frame, got factor={factor}, {n} frames")
+    if not 0 <= overlap < window:
+        raise ValueError(f"need 0 <= overlap < window, got overlap={overlap}, window={window}")
+    total = n * factor
+    video = known.new_zeros(b, c, total, h, w)
+    fixed = torch.zeros(total, dtype=torch.bool)
+    video[:, :, ::factor] = known
+    fixed[::factor] = True
+    span = min(window, total)
+    start = 0
+    while not fixed.all():
+        start = min(start, total - span)
+        frames = slice(start, start + span)
+        if not fixed[frames].all():
+            mask = fixed[frames].to(known.dtype).to(known.device)[None, None, :, None, None].expand(b, 1, -1, 1, 1)
+            new = sample_fn(video[:, :, frames] * mask, mask)  # [B, C, span, h, w]
+            todo = ~fixed[frames]
+            video[:, :, frames][:, :, todo] = new[:, :, todo].to(video.dtype)  # a view: writes into video
+            fixed[frames] = True
+        start += span - overlap
+    return video

@@ -232,3 +232,29 @@ def test_reconstruction_guidance_lowers_the_error_on_the_known_frames(prediction
     unguided, guided = known_frame_error(0.0), known_frame_error(5.0)
     assert unguided > 1.5  # independent draws: E(x - y)^2 = 2 (1 + d^2)
     assert guided < 0.25 * unguided, (guided, unguided)
+
+
+@pytest.mark.parametrize("n, factor, window, overlap", [(5, 2, 8, 4), (3, 4, 8, 2), (7, 3, 8, 0), (2, 2, 8, 4), (4, 1, 8, 4)])
+def test_interpolation_places_known_frames_exactly_and_fills_every_other_frame(n, factor, window, overlap):
+    from diffusion.guidance import interpolate_video
+
+    known = torch.randn(2, 3, n, 2, 2)
+    calls = []
+
+    def sample_fn(context, mask):
+        calls.append((context.clone(), mask.clone()))
+        assert mask.shape == (2, 1, context.shape[2], 1, 1) and 0 < mask.sum() / 2 < context.shape[2]
+        return torch.full_like(context, float(len(calls)))  # window number, to see who wrote what
+
+    out = interpolate_video(sample_fn, known, factor, window, overlap)
+    assert out.shape == (2, 3, n * factor, 2, 2)  # exact count, odd lengths included
+    assert torch.equal(out[:, :, ::factor], known)  # kept bit for bit, at every factor-th position
+    filled = torch.ones(n * factor, dtype=torch.bool)
+    filled[::factor] = False
+    assert (out[:, :, filled] >= 1).all() and (len(calls) == 0) == (factor == 1)
+    for context, mask in calls:  # a window is given the frames fixed before it, and nothing else
+        given = mask[0, 0, :, 0, 0].bool()
+        assert (context[:, :, ~given] == 0).all() and (context[:, :, given] != 0).all()
+    if overlap and len(calls) > 1:  # later windows carry the previous window's frames in the overlap
+        assert any(((c[:, :, m[0, 0, :, 0, 0].bool()] >= 1) & (c[:, :, m[0, 0, :, 0, 0].bool()] % 1 == 0)).any()
+                   for c, m in calls[1:])
