@@ -4,6 +4,12 @@ autoencoder is known, decoded video files.
     python -m scripts.sample --checkpoint runs/diffusion/export --num-samples 8 --frames 16 --output-dir samples/
     python -m scripts.sample --checkpoint runs/diffusion/export --init-video clip.mp4 --known-frames 4 --frames 24 --output-dir pred/
     python -m scripts.sample --checkpoint runs/demo/diffusion/export --prompt "a red circle moves to the left" --output-dir txt/
+    python -m scripts.sample --checkpoint runs/diffusion/export --init-video clip.mp4 --interpolate 2 --output-dir interp/
+    python -m scripts.sample --checkpoint runs/diffusion/export --latents samples/ --interpolate 4 --output-dir interp/
+
+--interpolate K: every frame of the input (--init-video, read at its own frame rate, or each of
+our latent files given by --latents FILE_OR_DIR) becomes every K-th frame of the output, which has
+K x the frames at K x the frame rate; the frames between are sampled in sliding windows.
 """
 
 from __future__ import annotations
@@ -41,12 +47,14 @@ class SampleConfig:
     device: str = "auto"
     prompt_file: str = ""  # text models: one prompt per line (with --prompt: the --prompt ones first)
     negative_prompt: str = ""  # replaces the null text in classifier-free guidance
+    interpolate: int = 0  # K > 0: K x the frames of --init-video / --latents at K x the fps
+    latents: str = ""  # with --interpolate: a latent file of ours, or a folder of them
 
 
 FLAGS = {"checkpoint": str, "num_samples": int, "frames": int, "classes": str, "guidance_scale": float,
          "sampler": str, "steps": int, "seed": int, "batch_size": int, "init_video": str, "known_frames": int,
          "method": str, "autoencoder": str, "formats": str, "device": str, "upscale": int, "eta": float,
-         "overlap": int, "guidance_weight": float}
+         "overlap": int, "guidance_weight": float, "interpolate": int, "latents": str}
 
 
 def parse_args(argv):
@@ -143,15 +151,58 @@ def encode_init_video(cfg, vae, meta, device) -> torch.Tensor:
     if vae is None:
         raise ValueError("--init-video needs the autoencoder: pass --autoencoder DIR")
     k = cfg.known_frames
-    if k < 1:
+    if k < 1 and not cfg.interpolate:
         raise ConfigError("--init-video needs --known-frames K >= 1")
     fps_out = (meta.get("latent") or {}).get("fps")
-    stride = stride_for_fps(video_info(cfg.init_video)["fps"], fps_out) if fps_out else 1
-    frames, _ = read_video(cfg.init_video, stride=stride, num_frames=k)
+    stride = stride_for_fps(video_info(cfg.init_video)["fps"], fps_out) if fps_out and not cfg.interpolate else 1
+    frames, _ = read_video(cfg.init_video, stride=stride, num_frames=k or None)  # interpolation: every frame
     size = meta["latent"]["shape"][1] * vae.downsample_factor
     video = to_tensor(resize_and_crop(frames, size))[None].to(device)  # [1,3,K,H,W]
     mean, _ = encode_video(vae.to(device), video, chunk_size=8)
     return whiten(mean, meta["latent"]["stats"]).cpu()
+
+
+def latent_inputs(path: str, meta: dict) -> list[tuple[Path, torch.Tensor, dict]]:
+    """Our latent files (a file, or every .safetensors in a folder) to interpolate: the model's latent
+    shape and autoencoder, one frame count."""
+    from scripts.runtime.generation import load_latent_file
+
+    p = Path(path)
+    files = sorted(p.glob("*.safetensors")) if p.is_dir() else [p]
+    if not files or not all(f.is_file() for f in files):
+        raise ConfigError(f"--latents {path}: no latent files (.safetensors written by scripts.sample) there")
+    out = []
+    for f in files:
+        try:
+            z, info = load_latent_file(f)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        want = list(meta["latent"]["shape"])
+        if [z.shape[0], *z.shape[2:]] != want:
+            raise ConfigError(f"--latents {f}: latent {list(z.shape)} does not fit this model's [C, T, h, w] with "
+                              f"[C, h, w] = {want}")
+        ae = (meta.get("autoencoder") or {}).get("weights_sha256")
+        if info.get("autoencoder_sha256") and ae and info["autoencoder_sha256"] != ae:
+            raise ConfigError(f"--latents {f}: made with another autoencoder than this model's")
+        out.append((f, z, info))
+    if len({z.shape[1] for _, z, _ in out}) > 1:
+        raise ConfigError(f"--latents {path}: the files differ in frame count; interpolate them one at a time")
+    return out
+
+
+def interpolation_input(cfg: SampleConfig, vae, meta, device, files) -> tuple[torch.Tensor, float]:
+    """(known latents [num_samples, C, N, h, w], their frame rate) for --interpolate."""
+    from data.video_io import video_info
+
+    if bool(cfg.init_video) == bool(cfg.latents):
+        raise ConfigError("--interpolate K needs exactly one input: --init-video FILE or --latents FILE_OR_DIR")
+    if cfg.interpolate < 1:
+        raise ConfigError(f"--interpolate must be >= 1, got {cfg.interpolate}")
+    if files:
+        fps = float(files[0][2].get("fps") or (meta.get("latent") or {}).get("fps") or 8.0)
+        return torch.stack([z for _, z, _ in files]), fps
+    known = encode_init_video(cfg, vae, meta, device)
+    return known.expand(cfg.num_samples, -1, -1, -1, -1), float(video_info(cfg.init_video)["fps"])
 
 
 def run(args) -> list[Path]:
@@ -173,6 +224,9 @@ def run(args) -> list[Path]:
     device = pick_device(cfg.device)
     model, meta = load_diffusion_export(Path(cfg.checkpoint), map_location=device)
     unet_cfg, diff_cfg, lat = meta["unet_config"], meta["diffusion_config"], meta["latent"]
+    files = latent_inputs(cfg.latents, meta) if cfg.interpolate and cfg.latents else []
+    if files:  # one output per latent file
+        cfg = replace(cfg, num_samples=len(files))
     names = (meta.get("class_names") or []) if unet_cfg.num_classes else []  # trained without labels: none
     labels = resolve_labels(cfg, names)
     prompts = read_prompts(cfg, args.prompt, bool(unet_cfg.text_dim))
@@ -188,24 +242,28 @@ def run(args) -> list[Path]:
         text = encoder.encode(texts)
         negative = encoder.encode([cfg.negative_prompt]) if cfg.negative_prompt else None
     vae, vae_path = find_autoencoder(cfg, meta)
-    known = None
-    if cfg.init_video:
-        known = encode_init_video(cfg, vae, meta, device).expand(cfg.num_samples, -1, -1, -1, -1)
+    known, fps = None, lat.get("fps") or 8.0
     window = lat.get("clip_len") or 16
     frames = cfg.frames or window
+    if cfg.interpolate:
+        known, fps_in = interpolation_input(cfg, vae, meta, device, files)
+        frames, fps = known.shape[2] * cfg.interpolate, fps_in * cfg.interpolate
+    elif cfg.init_video:
+        known = encode_init_video(cfg, vae, meta, device).expand(cfg.num_samples, -1, -1, -1, -1)
     method = cfg.method if cfg.method != "auto" else ("condition" if unet_cfg.frame_conditioning else "reconstruction")
     latents = generate(model, unet_cfg, diff_cfg, num=cfg.num_samples, frames=frames, latent_shape=lat["shape"],
                        labels=labels, guidance_scale=cfg.guidance_scale, sampler=cfg.sampler, steps=cfg.steps,
                        eta=cfg.eta, seed=cfg.seed, batch_size=cfg.batch_size, window=window, overlap=cfg.overlap or None,
                        known=known, method=method, guidance_weight=cfg.guidance_weight, device=device,
-                       progress=True, text=text, negative_text=negative)
-    fps = lat.get("fps") or 8.0
+                       progress=True, text=text, negative_text=negative, interpolate=cfg.interpolate)
     written = []
     for i in range(cfg.num_samples):
         name = f"sample-{i:03d}" + (f"-{names[labels[i]]}" if labels else "") + (f"-{slug(texts[i])}" if texts[i] else "")
         info = {"stats": lat.get("stats"), "autoencoder_sha256": (meta.get("autoencoder") or {}).get("weights_sha256"),
                 "fps": fps, "label": labels[i] if labels else None, "label_name": names[labels[i]] if labels else None,
                 "frames": frames, "known_frames": cfg.known_frames if known is not None else 0,
+                **({"interpolate": cfg.interpolate, "interpolated_from": str(files[i][0] if files else cfg.init_video)}
+                   if cfg.interpolate else {}),
                 "diffusion_export": str(Path(cfg.checkpoint).resolve()), "seed": cfg.seed,
                 **({"prompt": texts[i], "negative_prompt": cfg.negative_prompt or None} if texts[i] else {})}
         written.append(save_latent_file(out / f"{name}.safetensors", latents[i], info))

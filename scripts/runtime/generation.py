@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from data.files import atomic_write
 from data.stats import load_stats, un_whiten
-from diffusion.guidance import extend_video, reconstruction_guided, replace_known
+from diffusion.guidance import extend_video, interpolate_video, reconstruction_guided, replace_known
 from diffusion.sampling import classifier_free_guidance, sample
 from diffusion.schedules import make_alphas_cumprod
 
@@ -37,8 +37,11 @@ def generate(model, unet_cfg, diff_cfg, *, num: int, frames: int, latent_shape, 
              guidance_scale: float = 1.0, sampler: str = "dpmpp_2m", steps: int = 25, eta: float = 0.0, seed: int = 0,
              batch_size: int = 8, window: int | None = None, overlap: int | None = None, known=None,
              method: str = "condition", guidance_weight: float = 2.0, device="cpu", progress=False,
-             text=None, negative_text=None) -> torch.Tensor:
+             text=None, negative_text=None, interpolate: int = 0) -> torch.Tensor:
     """Whitened latents [num, C, frames, h, w].
+
+    `interpolate` = K > 0: temporal interpolation of `known` [num, C, N, h, w] to N x K frames
+    (`diffusion.guidance.interpolate_video`; `frames` is then N x K).
 
     `text`: (tokens [num, L, D], mask [num, L]) of each sample's prompt for a text-conditioned
     model; `negative_text` (tokens [1, L, D], mask [1, L]) replaces the null text in guidance.
@@ -81,7 +84,10 @@ def generate(model, unet_cfg, diff_cfg, *, num: int, frames: int, latent_shape, 
                        noise_correlation=diff_cfg.frame_noise_correlation)
             return replace_known(x, context, mask)
 
-        outs.append(extend_video(sample_fn, kn, frames, window, overlap).cpu())
+        if interpolate:
+            outs.append(interpolate_video(sample_fn, kn, interpolate, window, overlap).cpu())
+        else:
+            outs.append(extend_video(sample_fn, kn, frames, window, overlap).cpu())
     return torch.cat(outs)
 
 
