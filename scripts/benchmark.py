@@ -28,18 +28,18 @@ import tempfile
 import time
 from pathlib import Path
 
-from scripts.runtime.evaluation import sampler_quality
+from scripts.runtime.evaluation import interpolation_quality, sampler_quality
 from scripts.runtime.measure import MEM_METHOD, PeakMemory, measure, setup
 from scripts.runtime.reference import build_unet, build_vae, model_section
 
 ROOT = Path(__file__).resolve().parent.parent
-BENCHES = ("vae", "encode", "reader", "unet", "sampling", "sampler_quality", "quality", "fastpath")
+BENCHES = ("vae", "encode", "reader", "unet", "sampling", "sampler_quality", "quality", "fastpath", "interpolation")
 DEFAULT_BENCHES = BENCHES[:5]  # sampler_quality needs a trained demo (make demo) and ~10 CPU minutes;
 # quality (scripts.quality) trains the whole pipeline end to end: ~40 CPU minutes
 SAMPLER_QUALITY_RUNS = [("training", 0), ("ddpm", 250), ("dpmpp_2m", 5), ("dpmpp_2m", 10), ("dpmpp_2m", 15),
                         ("dpmpp_2m", 25), ("dpmpp_2m", 50), ("ddim", 50)]
 # default repeats per bench (timed calls after one warm-up call); --repeats overrides all of them
-REPEATS = {"vae": 3, "encode": 2, "reader": 3, "unet": 1, "sampling": 1, "sampler_quality": 1, "fastpath": 3}
+REPEATS = {"vae": 3, "encode": 2, "reader": 3, "unet": 1, "sampling": 1, "sampler_quality": 1, "fastpath": 3, "interpolation": 1}
 
 # ----------------------------------------------------------------------------- worker side (one measurement)
 
@@ -276,7 +276,7 @@ def run_sampling(spec: dict) -> dict:
 
 
 WORKERS = {"vae": run_vae, "unet": run_unet, "reader": run_reader, "fastpath": run_fastpath, "encode": run_encode, "sampling": run_sampling,
-           "sampler_quality": sampler_quality}
+           "sampler_quality": sampler_quality, "interpolation": interpolation_quality}
 
 # ----------------------------------------------------------------------------- parent side (plan, spawn, report)
 
@@ -310,6 +310,8 @@ def plan(bench: str, quick: bool) -> list[dict]:
         if not quick:  # compilation takes minutes on CPU
             variants += [("fp32", True, False, False), ("bf16", True, False, False), ("bf16", True, True, True)]
         return [dict(bench="fastpath", **shape, dtype=d, compile=c, channels_last=cl, fused=f) for d, c, cl, f in variants]
+    if bench == "interpolation":  # a trained demo-style model (--demo-dir), held-out clips of seed 7
+        return [dict(bench="interpolation", N=4 if quick else 24, factor=2, seed=7, sampler="ddpm", steps=5 if quick else 250)]
     if bench == "sampler_quality":
         n, steps = (8, [("ddpm", 250), ("dpmpp_2m", 5)]) if quick else (48, SAMPLER_QUALITY_RUNS)
         return [dict(bench="sampler_quality", sampler=s, steps=k, N=n, guidance_scale=3.0, seed=1) for s, k in steps]
@@ -459,7 +461,7 @@ def main(argv=None) -> int:
                 spec = {"impl": "ours", "device": args.device, "dtype": args.dtype, "repeats": repeats,
                         "threads": args.threads, "full_reference": args.full_reference,
                         "peak_tflops": args.peak_tflops, **item}
-                if bench == "sampler_quality":
+                if bench in ("sampler_quality", "interpolation"):
                     spec.update(demo_dir=str(args.demo_dir), cache=str(Path(scratch) / "ddpm250.pt"))
                     missing = [p for p in ("diffusion/export", "vae/export", "shards") if not (args.demo_dir / p).exists()]
                     if missing:
