@@ -67,6 +67,13 @@ def test_sampler_quality_on_a_trained_model(pipeline, tmp_path, capsys):
         assert math.isfinite(ln["fd_to_training"]) and ln["fd_to_training"] > 0 and ln["s_per_video"] > 0
         assert ln["tracked_videos"] >= 0
     assert "fd_to_ddpm250" not in lines[0] and lines[1]["fd_to_ddpm250"] > 0
+    # temporal interpolation on the same model: every method scored on the same filled frames
+    assert benchmark.main(["--quick", "--only", "interpolation", "--demo-dir", str(demo), "--threads", "1"]) == 0
+    (interp,) = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    assert interp["filled_frames_per_clip"] == 4 and interp["clips"] == 4  # 8-frame clips, every other frame
+    for name in ("model", "crossfade", "repeat", "vae_round_trip"):
+        assert 0 < interp[name]["psnr"] < 100 and interp[name]["centre_err_median"] >= 0
+    assert interp["vae_round_trip"]["psnr"] != interp["model"]["psnr"]
     # without a finished demo: a clear error, no traceback
     assert benchmark.main(["--quick", "--only", "sampler_quality", "--demo-dir", str(tmp_path / "none")]) == 2
     assert "make demo" in capsys.readouterr().err
