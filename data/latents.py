@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from .files import seed_from
-from .remote import NETWORK_ERRORS, RETRIES, as_location, is_remote
+from .remote import NETWORK_ERRORS, RETRIES, as_location, backoff, is_remote
 from .shards import MANIFEST, TEXT_EXTS, ShardError, check_shard_files, load_manifest
 from .stats import LatentStats, load_stats, whiten
 
@@ -130,9 +130,10 @@ def _read_shards(src, folder):
                 if not is_remote(path) or tries == RETRIES:
                     what = f"connection failed {tries + 1} times" if is_remote(path) else "unreadable or truncated shard"
                     raise ShardError(f"{path}: {what} after {count} samples ({type(e).__name__}: {e})") from e
-                tries += 1
                 print(f"[shards] {path}: connection dropped after {count} samples ({type(e).__name__}); "
-                      f"retry {tries} of {RETRIES}", flush=True)
+                      f"retry {tries + 1} of {RETRIES}", flush=True)
+                backoff(tries)
+                tries += 1
             except Exception as e:  # tarfile.ReadError, EOF inside a member, duplicate names ...
                 raise ShardError(f"{path}: unreadable or truncated shard after {count} samples ({e})") from e
         if count != entry["samples"]:

@@ -13,8 +13,14 @@ import urllib.request
 SCHEMES = ("http://", "https://", "s3://", "gs://")
 RETRIES = 3  # tries after the first, for a dropped or refused connection
 TIMEOUT = 30.0  # seconds without data before a read counts as dropped
-# what a dropped connection looks like from the readers (a short body is IncompleteRead)
-NETWORK_ERRORS = (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError, OSError)
+# what a dropped or refused connection looks like from the readers (URLError, ConnectionError and
+# TimeoutError are OSErrors; a body that ends early is raised as ConnectionError by _LengthChecked)
+NETWORK_ERRORS = (OSError, http.client.HTTPException)
+
+
+def backoff(attempt: int) -> None:
+    """The pause before retry `attempt` (0-based): 0.2 s doubling, at most 2 s."""
+    time.sleep(min(0.2 * 2**attempt, 2.0))
 
 
 def is_remote(location) -> bool:
@@ -45,30 +51,23 @@ class RemoteFile:
     def parent(self) -> RemoteFolder:
         return RemoteFolder(self.url.rstrip("/").rsplit("/", 1)[0])
 
-    def open(self, retries: int = RETRIES):
-        """A binary stream of the file. FileNotFoundError for a 404 (at once); OSError after
-        `retries` failed tries for anything else."""
-        for attempt in range(retries + 1):
-            try:
-                return _open_url(self.url)
-            except FileNotFoundError:
-                raise
-            except NETWORK_ERRORS as e:
-                if attempt == retries:
-                    raise OSError(f"{self.url}: unreachable after {retries + 1} tries ({e})") from None
-                time.sleep(min(0.2 * 2**attempt, 2.0))
-        raise AssertionError("unreachable")
+    def open(self):
+        """A binary stream of the file, one try (callers retry what they read: the shard reader
+        re-opens and skips what it has; `read_bytes` starts over). FileNotFoundError for a 404."""
+        return _open_url(self.url)
 
     def read_bytes(self) -> bytes:
+        """The whole file, opening and reading retried RETRIES times; a 404 is not retried."""
         for attempt in range(RETRIES + 1):
             try:
                 with self.open() as f:
                     return f.read()
             except FileNotFoundError:
                 raise
-            except NETWORK_ERRORS as e:  # dropped mid-body
+            except NETWORK_ERRORS as e:
                 if attempt == RETRIES:
-                    raise OSError(f"{self.url}: read failed after {RETRIES + 1} tries ({e})") from None
+                    raise OSError(f"{self.url}: unreachable or dropped {RETRIES + 1} times ({e})") from None
+                backoff(attempt)
         raise AssertionError("unreachable")
 
     def read_text(self, encoding: str = "utf-8") -> str:
