@@ -174,21 +174,30 @@ def sample_and_save(model, unet_cfg, diff_cfg, *, latent_shape, frames: int, cla
 
 
 @functools.lru_cache(maxsize=2)
-def _decoded_reference(shards: str, autoencoder: str, num: int, device: str) -> np.ndarray:
-    """The first `num` video clips of the shards (posterior means), un-whitened with the shards'
-    stats.json and decoded by the autoencoder -> uint8 [num,T,H,W,3]. Cached: periodic samples of
-    one run compare against the same clips every time, so they are decoded once."""
-    from autoencoder.model import FrameVAE
+def reference_clips(shards: str, num: int) -> tuple[torch.Tensor, tuple, tuple]:
+    """The first `num` video clips of the shards (posterior means, whitened) [num, C, T, h, w],
+    their labels and captions: the same clips every time a run scores against its data."""
     from data.latents import make_latent_loader
 
-    reference = []
-    for batch in make_latent_loader(shards, kind="video", batch_size=min(8, num), shuffle_buffer=0, use_mean=True):
-        reference.append(batch["latent"])
-        if sum(len(r) for r in reference) >= num:
+    lat, labels, captions = [], [], []
+    for batch in make_latent_loader(shards, kind="video", batch_size=min(16, num), shuffle_buffer=0, use_mean=True):
+        lat.append(batch["latent"])
+        labels += [int(x) for x in batch.get("label", [-1] * len(batch["latent"]))]
+        captions += list(batch.get("caption", [None] * len(batch["latent"])))
+        if sum(len(x) for x in lat) >= num:
             break
-    stats = load_stats(shards)
+    return torch.cat(lat)[:num], tuple(labels[:num]), tuple(captions[:num])
+
+
+@functools.lru_cache(maxsize=2)
+def _decoded_reference(shards: str, autoencoder: str, num: int, device: str) -> np.ndarray:
+    """`reference_clips` un-whitened with the shards' stats.json and decoded by the autoencoder ->
+    uint8 [num,T,H,W,3]. Cached: periodic samples and evaluations of one run compare against the
+    same clips every time, so they are read and decoded once."""
+    from autoencoder.model import FrameVAE
+
     vae = FrameVAE.from_pretrained(autoencoder).to(device)
-    return decode_to_uint8(vae, un_whiten(torch.cat(reference)[:num], stats), device=device)
+    return decode_to_uint8(vae, un_whiten(reference_clips(shards, num)[0], load_stats(shards)), device=device)
 
 
 def sample_quality(samples_u8, shards, autoencoder: str, *, num_reference: int = 32, device="cpu") -> dict[str, float]:

@@ -5,14 +5,11 @@ synthetic tracker's figures and prompt adherence). One `"split": "eval"` row in 
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
-
-import torch
 
 from data.stats import load_stats, un_whiten
 from evaluation.suite import weight_free
-from scripts.runtime.generation import _decoded_reference, decode_to_uint8, generate
+from scripts.runtime.generation import _decoded_reference, decode_to_uint8, generate, reference_clips
 
 
 @dataclass
@@ -22,22 +19,6 @@ class EvalConfig:
     steps: int = 25
     sampler: str = "dpmpp_2m"
     guidance_scale: float = 1.0
-
-
-@functools.lru_cache(maxsize=2)
-def reference_clips(shards: str, num: int) -> tuple[torch.Tensor, tuple, tuple]:
-    """The first `num` video clips of the shards (posterior means, whitened), their labels and
-    captions: the same clips at every evaluation of a run."""
-    from data.latents import make_latent_loader
-
-    lat, labels, captions = [], [], []
-    for batch in make_latent_loader(shards, kind="video", batch_size=min(16, num), shuffle_buffer=0, use_mean=True):
-        lat.append(batch["latent"])
-        labels += [int(x) for x in batch.get("label", [-1] * len(batch["latent"]))]
-        captions += list(batch.get("caption", [None] * len(batch["latent"])))
-        if sum(len(x) for x in lat) >= num:
-            break
-    return torch.cat(lat)[:num], tuple(labels[:num]), tuple(captions[:num])
 
 
 def periodic_eval(model, unet_cfg, diff_cfg, manifest: dict, shards, ec: EvalConfig, *, step: int, seed: int,
