@@ -93,9 +93,10 @@ class FrozenTextEncoder:
         counts = ((t, self.token_count(t)) for t in dict.fromkeys(texts))
         return [(t, n) for t, n in counts if n > self.max_length]
 
-    def truncation_warning(self, texts, what: str, key: str, advice: str = "") -> str | None:
-        """One readable line when some of `texts` are longer than max_length, else None."""
-        cut = self.truncated(texts)
+    def truncation_warning(self, texts, what: str, key: str, advice: str = "", cut=None) -> str | None:
+        """One readable line when some of `texts` are longer than max_length, else None (`cut`:
+        `truncated(texts)` when the caller has it already)."""
+        cut = self.truncated(texts) if cut is None else cut
         if not cut:
             return None
         text, n = max(cut, key=lambda tn: tn[1])

@@ -272,8 +272,9 @@ def run(args) -> dict:
     if text_encoder is not None:
         settings["text_encoder"] = text_encoder.fingerprint()
         all_captions = [c for s in specs for c in (s.captions or ())]
-        truncated = len(text_encoder.truncated(all_captions))
-        warning = text_encoder.truncation_warning(all_captions, "captions", "encode.text_max_length")
+        cut = text_encoder.truncated(all_captions)  # tokenizes every distinct caption once
+        truncated = len(cut)
+        warning = text_encoder.truncation_warning(all_captions, "captions", "encode.text_max_length", cut=cut)
         if warning and acc.is_main_process:
             print(f"warning: {warning}", flush=True)
     units = plan_units(specs, cfg.inputs_per_video_shard(), cfg.samples_per_shard,

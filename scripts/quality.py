@@ -107,7 +107,7 @@ def write_prompts(data: Path, path: Path, n: int) -> None:
 
 # Tokens per caption for the drivers' encoder. Its tokenizer is byte-level (one token per byte), so the
 # synthetic captions take up to 44 tokens ("a magenta triangle moves to the upper right" + EOS): at 32
-# the direction was cut off 70% of them and the model could not learn it.
+# the direction was cut off 70% of them (README "Text-to-video").
 BUILTIN_TEXT_LENGTH = 48
 
 

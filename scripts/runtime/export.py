@@ -10,8 +10,7 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 from data.files import missing_export_hint, sha256_file, write_export
-from data.remote import as_location, is_remote
-from data.shards import STATS
+from data.remote import is_remote
 from data.stats import load_stats
 from diffusion.config import DiffusionConfig, UNetConfig
 from diffusion.unet3d import UNet3D
@@ -35,7 +34,7 @@ def save_diffusion_export(folder: Path, model: UNet3D, unet_cfg: UNetConfig, dif
             "shape": manifest.get("latent_shape"),  # [C, h, w]
             "clip_len": manifest.get("clip_len"),
             "fps": fps,  # frame rate of the training clips (after the encoder's stride)
-            "stats": load_stats(as_location(shards) / STATS).to_dict() if shards else None,
+            "stats": load_stats(shards).to_dict() if shards else None,  # the folder's (or URL's) stats.json
         },
         "class_names": list(manifest.get("labels") or []),
         "autoencoder": manifest.get("autoencoder") or {},
