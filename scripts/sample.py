@@ -224,7 +224,9 @@ def run(args) -> list[Path]:
     device = pick_device(cfg.device)
     model, meta = load_diffusion_export(Path(cfg.checkpoint), map_location=device)
     unet_cfg, diff_cfg, lat = meta["unet_config"], meta["diffusion_config"], meta["latent"]
-    files = latent_inputs(cfg.latents, meta) if cfg.interpolate and cfg.latents else []
+    if cfg.latents and not cfg.interpolate:
+        raise ConfigError("--latents is the input of --interpolate K (to decode latent files: scripts.decode_latents)")
+    files = latent_inputs(cfg.latents, meta) if cfg.latents else []
     if files:  # one output per latent file
         cfg = replace(cfg, num_samples=len(files))
     names = (meta.get("class_names") or []) if unet_cfg.num_classes else []  # trained without labels: none

@@ -31,15 +31,12 @@ def svg_plot(xs, ys, title: str, *, log_y: bool = False) -> str:
     tx = (lambda y: math.log10(y)) if log_y else (lambda y: y)
     x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
     y0, y1 = min(tx(p[1]) for p in pts), max(tx(p[1]) for p in pts)
-    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1e-12 + abs(y0) * 1e-6 + 1e-9)
+    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + max(abs(y0) * 1e-6, 1e-9))  # a flat series
     pw, ph = W - PAD_L - PAD_R, H - PAD_T - PAD_B
-
-    def xy(p):
-        return f"{PAD_L + (p[0] - x0) / (x1 - x0) * pw:.1f},{PAD_T + (1 - (tx(p[1]) - y0) / (y1 - y0)) * ph:.1f}"
-
-    line = " ".join(xy(p) for p in pts)
+    xy = [(f"{PAD_L + (x - x0) / (x1 - x0) * pw:.1f}", f"{PAD_T + (1 - (tx(y) - y0) / (y1 - y0)) * ph:.1f}") for x, y in pts]
+    line = " ".join(f"{cx},{cy}" for cx, cy in xy)
     lo, hi = (10**y0, 10**y1) if log_y else (y0, y1)
-    marks = "".join(f'<circle cx="{xy(p).split(",")[0]}" cy="{xy(p).split(",")[1]}" r="2"/>' for p in pts) if len(pts) < 40 else ""
+    marks = "".join(f'<circle cx="{cx}" cy="{cy}" r="2"/>' for cx, cy in xy) if len(pts) < 40 else ""
     return (f'<svg class="plot" xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" '
             f'data-points="{len(pts)}" role="img" aria-label="{html.escape(title)}">'
             f'<text x="{W / 2}" y="15" text-anchor="middle" class="t">{html.escape(title)}{" (log)" if log_y else ""}</text>'
