@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench quality clean-demo
+.PHONY: setup demo test lint bench quality cascade clean-demo
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,3 +29,6 @@ bench: $(STAMP)
 # the end-to-end quality benchmark (scripts/quality.py): ~40 min on 2 CPU cores, report in runs/quality
 quality: $(STAMP)
 	$(PY) -m scripts.quality --output-dir runs/quality
+
+cascade: $(STAMP)
+	$(PY) -m scripts.cascade --output-dir runs/cascade

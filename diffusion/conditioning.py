@@ -58,14 +58,39 @@ def drop_labels(labels: torch.Tensor, num_classes: int, p: float,
     return labels
 
 
-def image_frames(latents: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def image_frames(latents: torch.Tensor, generator: torch.Generator | None = None, paired: torch.Tensor | None = None):
     """The image half of joint training: [B, C, T, h, w] -> [B, C, 1, h, w], one random frame of
-    each clip (images from image shards, T = 1, pass through without a draw)."""
+    each clip (images from image shards, T = 1, pass through without a draw). With `paired`
+    [B, C', T, h', w'] (a super-resolution stage's low-resolution clips) the same frames of it are
+    returned too: (frames, paired frames)."""
     n, t = latents.shape[0], latents.shape[2]
     if t == 1:
-        return latents
+        return latents if paired is None else (latents, paired)
     idx = torch.randint(0, t, (n,), generator=generator)
-    return latents[torch.arange(n), :, idx][:, :, None]
+    pick = lambda x: x[torch.arange(n), :, idx][:, :, None]  # noqa: E731
+    return pick(latents) if paired is None else (pick(latents), pick(paired))
+
+
+def augmentation_levels(batch: int, aug_max: float, num_timesteps: int,
+                        generator: torch.Generator | None = None) -> torch.Tensor:
+    """A super-resolution stage's training levels of noise augmentation [B] long, uniform over the
+    first `aug_max` of the schedule (0 = the low-resolution input as it is)."""
+    top = max(1, int(round(aug_max * num_timesteps)))
+    return torch.randint(0, top, (batch,), generator=generator)
+
+
+def noise_augment(low: torch.Tensor, levels: torch.Tensor, alphas_cumprod: torch.Tensor,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """Conditioning augmentation (Ho et al. 2021, "Cascaded Diffusion Models"): the low-resolution
+    latents diffused to `levels` [B], alpha_s * z + sigma_s * eps, with level 0 taken as clean (so
+    "no augmentation" is exactly the input). Training draws the levels; sampling picks one."""
+    from diffusion.schedules import alpha_sigma
+
+    eps = torch.randn(low.shape, generator=generator).to(low)
+    alpha, sigma = alpha_sigma(alphas_cumprod, levels.cpu(), low.ndim, dtype=low.dtype)
+    clean = (levels.cpu() == 0).view(alpha.shape)
+    alpha, sigma = torch.where(clean, 1.0, alpha).to(low.device), torch.where(clean, 0.0, sigma).to(low.device)
+    return alpha * low + sigma * eps
 
 
 def drop_text(text_mask: torch.Tensor, p: float, u: torch.Tensor) -> torch.Tensor:

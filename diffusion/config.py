@@ -29,6 +29,10 @@ class UNetConfig:
     # width of the text encoder's token embeddings; 0: no text. > 0: cross-attention to the tokens
     # after each spatial attention, and the pooled text added to the timestep embedding
     text_dim: int = 0
+    # spatial super-resolution stage (cascade): channels of the low-resolution latents given with
+    # every input, upsampled to the input's grid and concatenated to it, plus the level of the
+    # noise augmentation applied to them (an input of the model, embedded like the timestep). 0: none
+    low_res_channels: int = 0
     gradient_checkpointing: bool = False
 
     def to_dict(self) -> dict:
@@ -37,6 +41,8 @@ class UNetConfig:
         d["attention_levels"] = list(self.attention_levels)
         if not self.text_dim:
             del d["text_dim"]  # a model without text: config.json as before the key existed
+        if not self.low_res_channels:
+            del d["low_res_channels"]  # not a super-resolution stage: as before the key existed
         if self.temporal_attention_levels is None:
             del d["temporal_attention_levels"]  # as before the key existed: old checkpoints still match
         else:

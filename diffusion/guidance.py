@@ -137,21 +137,31 @@ def interpolate_video(sample_fn: SampleFn, known: torch.Tensor, factor: int, win
     b, c, n, h, w = known.shape
     if factor < 1 or n < 1:
         raise ValueError(f"need factor >= 1 and at least one known frame, got factor={factor}, {n} frames")
-    if not 0 <= overlap < window:
-        raise ValueError(f"need 0 <= overlap < window, got overlap={overlap}, window={window}")
     total = n * factor
     video = known.new_zeros(b, c, total, h, w)
     fixed = torch.zeros(total, dtype=torch.bool)
     video[:, :, ::factor] = known
     fixed[::factor] = True
+    return fill_video(lambda context, mask, frames: sample_fn(context, mask), video, fixed, window, overlap)
+
+
+def fill_video(sample_fn, video: torch.Tensor, fixed: torch.Tensor, window: int, overlap: int) -> torch.Tensor:
+    """Sample the frames of `video` [B, C, N, h, w] not marked in `fixed` [N] bool, in windows of
+    `window` frames stepping by window - overlap (the last moved back to end at frame N), each
+    given every frame already fixed inside it: `sample_fn(context, mask, frames)` with `frames` the
+    window's slice of the whole video (a super-resolution stage takes its low-resolution input
+    there). Fixed frames are kept exactly; `video` is filled in place and returned."""
+    b, total = video.shape[0], video.shape[2]
+    if not 0 <= overlap < window:
+        raise ValueError(f"need 0 <= overlap < window, got overlap={overlap}, window={window}")
     span = min(window, total)
     start = 0
     while not fixed.all():
         start = min(start, total - span)
         frames = slice(start, start + span)
         if not fixed[frames].all():
-            mask = fixed[frames].to(known.dtype).to(known.device)[None, None, :, None, None].expand(b, 1, -1, 1, 1)
-            new = sample_fn(video[:, :, frames] * mask, mask)  # [B, C, span, h, w]
+            mask = fixed[frames].to(video.dtype).to(video.device)[None, None, :, None, None].expand(b, 1, -1, 1, 1)
+            new = sample_fn(video[:, :, frames] * mask, mask, frames)  # [B, C, span, h, w]
             todo = ~fixed[frames]
             video[:, :, frames][:, :, todo] = new[:, :, todo].to(video.dtype)  # a view: writes into video
             fixed[frames] = True

@@ -60,8 +60,14 @@ class UNet3D(nn.Module):
     each res block, relative-position temporal attention after each spatial attention) mix frames.
 
     forward(x [B,C,T,h,w], t [B], class_labels [B] | None, cond_frames [B,C,T,h,w] | None,
-    cond_mask [B,T] or [B,1,T,1,1] | None, text [B,L,D] | None, text_mask [B,L] | None)
-    -> [B,C,T,h,w] (eps, v or x0: the process decides).
+    cond_mask [B,T] or [B,1,T,1,1] | None, text [B,L,D] | None, text_mask [B,L] | None,
+    low_res [B,C',T,h',w'] | None, aug_level [B] | None) -> [B,C,T,h,w] (eps, v or x0: the
+    process decides).
+
+    A super-resolution stage (config.low_res_channels > 0; Ho et al. 2021, "Cascaded Diffusion
+    Models") must be given `low_res`, the noise-augmented low-resolution latents, which are
+    upsampled bilinearly to x's grid and concatenated to its input channels, and `aug_level`, the
+    augmentation's timestep (0 = clean), embedded like t and added to the timestep embedding.
 
     With text (config.text_dim > 0): a row whose text_mask is all False (or text None) is the null
     text of classifier-free guidance. Every token list gets a learned null token in front, so
@@ -78,7 +84,9 @@ class UNet3D(nn.Module):
         if c.text_dim:
             self.null_token = nn.Parameter(torch.randn(1, 1, c.text_dim) * 0.02)
             self.text_pool = zero_module(nn.Linear(c.text_dim, emb_dim))
-        in_ch = 2 * c.in_channels + 1 if c.frame_conditioning else c.in_channels
+        if c.low_res_channels:  # super-resolution: the noise-augmentation level, embedded like t
+            self.aug_mlp = nn.Sequential(nn.Linear(base, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        in_ch = (2 * c.in_channels + 1 if c.frame_conditioning else c.in_channels) + c.low_res_channels
         self.input_conv = nn.Conv2d(in_ch, base, 3, padding=1)
 
         ch, skips = base, [base]
@@ -155,16 +163,31 @@ class UNet3D(nn.Module):
             emb = emb + self.class_emb(class_labels.long())
         return emb
 
-    def _input(self, x, cond_frames, cond_mask) -> torch.Tensor:
-        """concat(x, cond_frames * mask, mask) over channels when frame conditioning is on."""
-        if not self.config.frame_conditioning:
-            return x
+    def _input(self, x, cond_frames, cond_mask, low_res) -> torch.Tensor:
+        """concat(x, cond_frames * mask, mask) over channels when frame conditioning is on, then the
+        low-resolution latents upsampled to x's grid for a super-resolution stage."""
         b, _, t, h, w = x.shape
-        mask = torch.zeros(b, 1, t, 1, 1, dtype=x.dtype, device=x.device)
-        if cond_mask is not None:
-            mask = cond_mask.to(x.dtype).reshape(b, 1, t, 1, 1)
-        cond = torch.zeros_like(x) if cond_frames is None else cond_frames.to(x.dtype) * mask
-        return torch.cat([x, cond, mask.expand(b, 1, t, h, w)], dim=1)  # [B, 2C+1, T, h, w]
+        parts = [x]
+        if self.config.frame_conditioning:
+            mask = torch.zeros(b, 1, t, 1, 1, dtype=x.dtype, device=x.device)
+            if cond_mask is not None:
+                mask = cond_mask.to(x.dtype).reshape(b, 1, t, 1, 1)
+            cond = torch.zeros_like(x) if cond_frames is None else cond_frames.to(x.dtype) * mask
+            parts += [cond, mask.expand(b, 1, t, h, w)]  # [B, 2C+1, T, h, w]
+        if self.config.low_res_channels:
+            parts.append(self._low_res(low_res, x))
+        return torch.cat(parts, dim=1) if len(parts) > 1 else x
+
+    def _low_res(self, low_res, x) -> torch.Tensor:
+        b, _, t, h, w = x.shape
+        want = self.config.low_res_channels
+        if low_res is None:
+            raise ValueError("this is a super-resolution model: give it low_res [B, C, T, h, w] (the low-resolution latents)")
+        if low_res.ndim != 5 or low_res.shape[:3] != (b, want, t) or low_res.shape[3] > h or low_res.shape[4] > w:
+            raise ValueError(f"expected low_res [{b}, {want}, {t}, <= {h}, <= {w}], got {tuple(low_res.shape)}")
+        up = F.interpolate(rearrange(low_res.to(x.dtype), "b c t h w -> (b t) c h w"), size=(h, w), mode="bilinear",
+                           align_corners=False)
+        return rearrange(up, "(b t) c h w -> b c t h w", b=b)
 
     def _check(self, x: torch.Tensor) -> None:
         if x.ndim != 5 or x.shape[1] != self.config.in_channels:
@@ -177,17 +200,24 @@ class UNet3D(nn.Module):
             )
 
     # ------------------------------------------------------------------ forward
-    def forward(self, x, t, class_labels=None, cond_frames=None, cond_mask=None, text=None, text_mask=None) -> torch.Tensor:
+    def forward(self, x, t, class_labels=None, cond_frames=None, cond_mask=None, text=None, text_mask=None,
+                low_res=None, aug_level=None) -> torch.Tensor:
         self._check(x)
         batch, num_frames = x.shape[0], x.shape[2]
         emb, ctx = self._embed(t, class_labels, batch, x.device), ()
+        if self.config.low_res_channels:
+            level = torch.zeros(batch, device=x.device) if aug_level is None else torch.as_tensor(aug_level, device=x.device)
+            level = level.expand(batch) if level.ndim == 0 else level
+            emb = emb + self.aug_mlp(timestep_embedding(level, self.config.base_channels))
+        elif low_res is not None or aug_level is not None:
+            raise ValueError("this model is not a super-resolution stage (low_res_channels = 0) but was given low_res")
         if self.config.text_dim:
             ctx, pooled = self._text(text, text_mask, batch, x.device)
             emb = emb + self.text_pool(pooled)
         elif text is not None:
             raise ValueError("this model has no text conditioning (text_dim = 0) but was given text")
         emb = repeat_over_frames(emb, num_frames)  # [(B T), D]
-        h = rearrange(self._input(x, cond_frames, cond_mask), "b c t h w -> (b t) c h w")
+        h = rearrange(self._input(x, cond_frames, cond_mask, low_res), "b c t h w -> (b t) c h w")
         h = self.input_conv(h)  # [(B T), base, h, w]
 
         skips = [h]

@@ -6,10 +6,17 @@ autoencoder is known, decoded video files.
     python -m scripts.sample --checkpoint runs/demo/diffusion/export --prompt "a red circle moves to the left" --output-dir txt/
     python -m scripts.sample --checkpoint runs/diffusion/export --init-video clip.mp4 --interpolate 2 --output-dir interp/
     python -m scripts.sample --checkpoint runs/diffusion/export --latents samples/ --interpolate 4 --output-dir interp/
+    python -m scripts.sample --upsample runs/sr/diffusion/export --latents samples/ --output-dir big/
+    python -m scripts.sample --checkpoint BASE --interpolate 2 --upsample SR --output-dir cascade/   # the chain
 
 --interpolate K: every frame of the input (--init-video, read at its own frame rate, or each of
-our latent files given by --latents FILE_OR_DIR) becomes every K-th frame of the output, which has
-K x the frames at K x the frame rate; the frames between are sampled in sliding windows.
+our latent files given by --latents FILE_OR_DIR; with neither, the clips --checkpoint samples
+first) becomes every K-th frame of the output, which has K x the frames at K x the frame rate; the
+frames between are sampled in sliding windows by --interpolator (default: --checkpoint).
+
+--upsample SR_EXPORT: a spatial super-resolution stage (trained with sr.low_res_shards) upsamples
+what the stages before made, or, without --checkpoint, --latents / --init-video. Each written
+latent file records every stage (`cascade`: the export, and what it did).
 """
 
 from __future__ import annotations
@@ -47,14 +54,20 @@ class SampleConfig:
     device: str = "auto"
     prompt_file: str = ""  # text models: one prompt per line (with --prompt: the --prompt ones first)
     negative_prompt: str = ""  # replaces the null text in classifier-free guidance
-    interpolate: int = 0  # K > 0: K x the frames of --init-video / --latents at K x the fps
-    latents: str = ""  # with --interpolate: a latent file of ours, or a folder of them
+    interpolate: int = 0  # K > 0: K x the frames of --init-video / --latents (or of the samples) at K x the fps
+    interpolator: str = ""  # the export that interpolates ('' = --checkpoint)
+    latents: str = ""  # with --interpolate / --upsample: a latent file of ours, or a folder of them
+    upsample: str = ""  # a super-resolution export, run after the stages before
+    upsample_aug: float = -1.0  # its noise-augmentation level (fraction of the schedule); < 0: the export's
+    upsample_steps: int = 0  # 0: --steps
+    upsample_sampler: str = ""  # '': --sampler
 
 
 FLAGS = {"checkpoint": str, "num_samples": int, "frames": int, "classes": str, "guidance_scale": float,
          "sampler": str, "steps": int, "seed": int, "batch_size": int, "init_video": str, "known_frames": int,
          "method": str, "autoencoder": str, "formats": str, "device": str, "upscale": int, "eta": float,
-         "overlap": int, "guidance_weight": float, "interpolate": int, "latents": str}
+         "overlap": int, "guidance_weight": float, "interpolate": int, "latents": str, "interpolator": str,
+         "upsample": str, "upsample_aug": float, "upsample_steps": int, "upsample_sampler": str}
 
 
 def parse_args(argv):
@@ -162,9 +175,9 @@ def encode_init_video(cfg, vae, meta, device) -> torch.Tensor:
     return whiten(mean, meta["latent"]["stats"]).cpu()
 
 
-def latent_inputs(path: str, meta: dict) -> list[tuple[Path, torch.Tensor, dict]]:
-    """Our latent files (a file, or every .safetensors in a folder) to interpolate: the model's latent
-    shape and autoencoder, one frame count."""
+def latent_inputs(path: str, shape, autoencoder_sha256: str | None) -> list[tuple[Path, torch.Tensor, dict]]:
+    """Our latent files (a file, or every .safetensors in a folder) as the input of a stage: latents
+    of `shape` [C, h, w] made with the same autoencoder, one frame count."""
     from scripts.runtime.generation import load_latent_file
 
     p = Path(path)
@@ -177,27 +190,233 @@ def latent_inputs(path: str, meta: dict) -> list[tuple[Path, torch.Tensor, dict]
             z, info = load_latent_file(f)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        want = list(meta["latent"]["shape"])
+        want = list(shape)
         if [z.shape[0], *z.shape[2:]] != want:
             raise ConfigError(f"--latents {f}: latent {list(z.shape)} does not fit this model's [C, T, h, w] with "
                               f"[C, h, w] = {want}")
-        ae = (meta.get("autoencoder") or {}).get("weights_sha256")
-        if info.get("autoencoder_sha256") and ae and info["autoencoder_sha256"] != ae:
+        if info.get("autoencoder_sha256") and autoencoder_sha256 and info["autoencoder_sha256"] != autoencoder_sha256:
             raise ConfigError(f"--latents {f}: made with another autoencoder than this model's")
         out.append((f, z, info))
     if len({z.shape[1] for _, z, _ in out}) > 1:
-        raise ConfigError(f"--latents {path}: the files differ in frame count; interpolate them one at a time")
+        raise ConfigError(f"--latents {path}: the files differ in frame count; give them one at a time")
     return out
+
+
+def _ae_hash(meta: dict) -> str | None:
+    return (meta.get("autoencoder") or {}).get("weights_sha256")
+
+
+@dataclass
+class Made:
+    """What the stages so far made: whitened latents [N, C, T, h, w] (with `stats`), the export
+    that made the last stage (`meta`), per-sample labels / prompts, and the provenance."""
+
+    latents: torch.Tensor
+    meta: dict
+    stats: dict | None
+    fps: float
+    labels: list[int] | None = None
+    names: list[str] = field(default_factory=list)
+    texts: list[str | None] = field(default_factory=list)
+    sources: list[str | None] = field(default_factory=list)  # the input file of each sample, if any
+    cascade: list[dict] = field(default_factory=list)
+    known_frames: int = 0
+
+
+def _encode_prompts(cfg, folder, meta, texts: list[str | None]):
+    """(tokens, mask) of each sample's prompt with an export's own encoder, the negative prompt's, or
+    (None, None) for a model without text."""
+    from scripts.runtime.export import load_export_text_encoder
+
+    if not meta["unet_config"].text_dim or not any(texts):
+        return None, None
+    encoder = load_export_text_encoder(Path(folder), meta)
+    negative = encoder.encode([cfg.negative_prompt]) if cfg.negative_prompt else None
+    return encoder.encode([t or "" for t in texts]), negative
+
+
+def _labels_for(meta: dict, made: Made) -> list[int] | None:
+    """The samples' class labels for a later stage: kept where the stage knows the same classes."""
+    if not meta["unet_config"].num_classes or made.labels is None:
+        return None
+    if list(meta.get("class_names") or []) != made.names:
+        raise ConfigError("the stages were trained on different class names; they cannot share labels")
+    return made.labels
+
+
+def _rewhiten(made: Made, to_stats: dict | None) -> torch.Tensor:
+    from data.stats import un_whiten, whiten
+
+    return whiten(un_whiten(made.latents.float(), made.stats), to_stats)
+
+
+def base_stage(cfg: SampleConfig, args, device) -> Made:
+    """--checkpoint: sample (class / text / prediction / extension), or interpolate --init-video or
+    --latents; with --interpolate and no input, sample first, then interpolate the samples."""
+    from scripts.runtime.export import load_diffusion_export
+    from scripts.runtime.generation import generate
+
+    model, meta = load_diffusion_export(Path(cfg.checkpoint), map_location=device)
+    if meta.get("super_resolution"):
+        raise ConfigError(f"--checkpoint {cfg.checkpoint} is a super-resolution stage: pass it as --upsample")
+    unet_cfg, diff_cfg, lat = meta["unet_config"], meta["diffusion_config"], meta["latent"]
+    if cfg.latents and not cfg.interpolate:
+        raise ConfigError("--latents is the input of --interpolate K or --upsample SR (to decode latent files: "
+                          "scripts.decode_latents)")
+    if cfg.latents and cfg.init_video:
+        raise ConfigError("give one input: --init-video FILE or --latents FILE_OR_DIR")
+    files = latent_inputs(cfg.latents, lat["shape"], _ae_hash(meta)) if cfg.latents else []
+    if files:  # one output per latent file
+        cfg = replace(cfg, num_samples=len(files))
+    names = (meta.get("class_names") or []) if unet_cfg.num_classes else []  # trained without labels: none
+    labels = resolve_labels(cfg, names)
+    prompts = read_prompts(cfg, args.prompt, bool(unet_cfg.text_dim))
+    texts = [prompts[i % len(prompts)] for i in range(cfg.num_samples)] if prompts else [None] * cfg.num_samples
+    if prompts:
+        from scripts.runtime.export import load_export_text_encoder
+
+        warning = load_export_text_encoder(Path(cfg.checkpoint), meta).truncation_warning(
+            prompts + [cfg.negative_prompt or ""], "prompts", "the model's text.max_length",
+            "shorten them: the model was trained with this length")
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr, flush=True)
+    text, negative = _encode_prompts(cfg, cfg.checkpoint, meta, texts)
+    vae, _ = find_autoencoder(cfg, meta)
+    window = lat.get("clip_len") or 16
+    chain_interp = cfg.interpolate and not cfg.init_video and not files
+    if cfg.interpolate and cfg.interpolate < 1:
+        raise ConfigError(f"--interpolate must be >= 1, got {cfg.interpolate}")
+    made = Made(latents=None, meta=meta, stats=lat.get("stats"), fps=lat.get("fps") or 8.0, labels=labels,
+                names=list(names), texts=texts, sources=[None] * cfg.num_samples)
+    known, frames = None, cfg.frames or window
+    method = cfg.method if cfg.method != "auto" else ("condition" if unet_cfg.frame_conditioning else "reconstruction")
+    interp_here = cfg.interpolate and not chain_interp
+    if interp_here:
+        known, fps_in = interpolation_input(cfg, vae, meta, device, files)
+        frames, made.fps = known.shape[2] * cfg.interpolate, fps_in * cfg.interpolate
+        made.sources = [str(f) for f, _, _ in files] if files else [cfg.init_video] * cfg.num_samples
+    elif cfg.init_video:
+        known = encode_init_video(cfg, vae, meta, device).expand(cfg.num_samples, -1, -1, -1, -1)
+        made.known_frames = cfg.known_frames
+        made.sources = [cfg.init_video] * cfg.num_samples
+    made.latents = generate(model, unet_cfg, diff_cfg, num=cfg.num_samples, frames=frames, latent_shape=lat["shape"],
+                            labels=labels, guidance_scale=cfg.guidance_scale, sampler=cfg.sampler, steps=cfg.steps,
+                            eta=cfg.eta, seed=cfg.seed, batch_size=cfg.batch_size, window=window,
+                            overlap=cfg.overlap or None, known=known, method=method,
+                            guidance_weight=cfg.guidance_weight, device=device, progress=True, text=text,
+                            negative_text=negative, interpolate=cfg.interpolate if interp_here else 0)
+    stage = {"stage": "interpolate" if interp_here else "base", "export": str(Path(cfg.checkpoint).resolve()),
+             "frames": made.latents.shape[2], "sampler": cfg.sampler, "steps": cfg.steps}
+    if interp_here:
+        stage["factor"] = cfg.interpolate
+    made.cascade.append(stage)
+    if chain_interp:
+        made = interpolate_stage(cfg, made, device)
+    return made
+
+
+def interpolate_stage(cfg: SampleConfig, made: Made, device) -> Made:
+    """The chain's temporal interpolation of what the base stage sampled, by --interpolator."""
+    from scripts.runtime.export import load_diffusion_export
+    from scripts.runtime.generation import generate
+
+    path = cfg.interpolator or cfg.checkpoint
+    model, meta = load_diffusion_export(Path(path), map_location=device)
+    unet_cfg, diff_cfg, lat = meta["unet_config"], meta["diffusion_config"], meta["latent"]
+    if meta.get("super_resolution") or list(lat["shape"]) != list(made.meta["latent"]["shape"]):
+        raise ConfigError(f"--interpolator {path}: works on latents {lat['shape']}, the base stage made "
+                          f"{made.meta['latent']['shape']}")
+    if _ae_hash(meta) != _ae_hash(made.meta):
+        raise ConfigError(f"--interpolator {path}: trained with another autoencoder than --checkpoint")
+    text, negative = _encode_prompts(cfg, path, meta, made.texts)
+    known = _rewhiten(made, lat.get("stats"))
+    method = cfg.method if cfg.method != "auto" else ("condition" if unet_cfg.frame_conditioning else "reconstruction")
+    out = generate(model, unet_cfg, diff_cfg, num=known.shape[0], frames=known.shape[2] * cfg.interpolate,
+                   latent_shape=lat["shape"], labels=_labels_for(meta, made), guidance_scale=cfg.guidance_scale,
+                   sampler=cfg.sampler, steps=cfg.steps, eta=cfg.eta, seed=cfg.seed + 1, batch_size=cfg.batch_size,
+                   window=lat.get("clip_len") or 16, overlap=cfg.overlap or None, known=known, method=method,
+                   guidance_weight=cfg.guidance_weight, device=device, progress=True, text=text, negative_text=negative,
+                   interpolate=cfg.interpolate)
+    made = replace(made, latents=out, meta=meta, stats=lat.get("stats"), fps=made.fps * cfg.interpolate,
+                   cascade=[*made.cascade, {"stage": "interpolate", "export": str(Path(path).resolve()),
+                                            "factor": cfg.interpolate, "frames": out.shape[2], "sampler": cfg.sampler,
+                                            "steps": cfg.steps}])
+    return made
+
+
+def sr_inputs(cfg: SampleConfig, meta: dict, device) -> Made:
+    """Standalone --upsample: the low-resolution latents of --latents files or of --init-video
+    (every frame, encoded at the stage's low-resolution size)."""
+    from autoencoder.video import encode_video
+    from data.transforms import resize_and_crop, to_tensor
+    from data.video_io import read_video, video_info
+
+    sr = meta["super_resolution"]
+    if bool(cfg.latents) == bool(cfg.init_video):
+        raise ConfigError("--upsample without --checkpoint needs one input: --latents FILE_OR_DIR or --init-video FILE")
+    if cfg.latents:
+        files = latent_inputs(cfg.latents, sr["low_res_shape"], _ae_hash(meta))
+        stats = [info.get("stats") for _, _, info in files]
+        made = Made(latents=torch.stack([z for _, z, _ in files]), meta=meta, stats=None,
+                    fps=float(files[0][2].get("fps") or 8.0), sources=[str(f) for f, _, _ in files],
+                    texts=[info.get("prompt") for _, _, info in files])
+        from data.stats import un_whiten
+
+        made.latents = torch.stack([un_whiten(z.float(), st) for z, st in zip(made.latents, stats)])
+        labels = [info.get("label") for _, _, info in files]
+        if all(isinstance(v, int) for v in labels) and meta["unet_config"].num_classes:
+            made.labels, made.names = labels, list(meta.get("class_names") or [])
+        return made
+    vae, _ = find_autoencoder(cfg, meta)
+    if vae is None:
+        raise ConfigError("--init-video needs the autoencoder: pass --autoencoder DIR")
+    frames, _ = read_video(cfg.init_video, num_frames=cfg.frames or None)
+    size = sr["low_res_shape"][1] * vae.downsample_factor
+    video = to_tensor(resize_and_crop(frames, size))[None].to(device)
+    mean, _ = encode_video(vae.to(device), video, chunk_size=8)
+    return Made(latents=mean.cpu(), meta=meta, stats=None, fps=float(video_info(cfg.init_video)["fps"]),
+                sources=[cfg.init_video], texts=[None])
+
+
+def upsample_stage(cfg: SampleConfig, made: Made | None, device) -> Made:
+    """--upsample SR_EXPORT on what the stages before made (or on the standalone inputs)."""
+    from scripts.runtime.export import load_diffusion_export
+    from scripts.runtime.generation import upsample_latents
+
+    model, meta = load_diffusion_export(Path(cfg.upsample), map_location=device)
+    sr = meta.get("super_resolution")
+    if not sr:
+        raise ConfigError(f"--upsample {cfg.upsample}: not a super-resolution stage (trained without sr.low_res_shards)")
+    if made is None:
+        made = sr_inputs(cfg, meta, device)
+        made.texts = made.texts or [None] * len(made.latents)
+    elif list(made.meta["latent"]["shape"]) != list(sr["low_res_shape"]):
+        raise ConfigError(f"--upsample {cfg.upsample}: takes latents {sr['low_res_shape']}, the stage before made "
+                          f"{made.meta['latent']['shape']}")
+    elif _ae_hash(meta) != _ae_hash(made.meta):
+        raise ConfigError(f"--upsample {cfg.upsample}: trained with another autoencoder than the stage before")
+    if meta["unet_config"].text_dim and not any(made.texts):
+        raise ConfigError(f"--upsample {cfg.upsample} is text-conditioned: give prompts (--prompt) or latent files "
+                          "that carry them")
+    text, negative = _encode_prompts(cfg, cfg.upsample, meta, made.texts)
+    low = _rewhiten(made, sr["low_res_stats"])
+    aug = None if cfg.upsample_aug < 0 else cfg.upsample_aug
+    out = upsample_latents(model, meta, low, labels=_labels_for(meta, made), text=text, negative_text=negative,
+                           sampler=cfg.upsample_sampler or cfg.sampler, steps=cfg.upsample_steps or cfg.steps,
+                           eta=cfg.eta, seed=cfg.seed + 2, batch_size=cfg.batch_size, overlap=cfg.overlap or None,
+                           aug=aug, device=device, progress=True)
+    level = sr.get("sample_aug", 0.0) if aug is None else aug
+    return replace(made, latents=out, meta=meta, stats=meta["latent"].get("stats"),
+                   cascade=[*made.cascade, {"stage": "upsample", "export": str(Path(cfg.upsample).resolve()),
+                                            "factor": sr["factor"], "aug": level, "frames": out.shape[2],
+                                            "sampler": cfg.upsample_sampler or cfg.sampler,
+                                            "steps": cfg.upsample_steps or cfg.steps}])
 
 
 def interpolation_input(cfg: SampleConfig, vae, meta, device, files) -> tuple[torch.Tensor, float]:
     """(known latents [num_samples, C, N, h, w], their frame rate) for --interpolate."""
     from data.video_io import video_info
 
-    if bool(cfg.init_video) == bool(cfg.latents):
-        raise ConfigError("--interpolate K needs exactly one input: --init-video FILE or --latents FILE_OR_DIR")
-    if cfg.interpolate < 1:
-        raise ConfigError(f"--interpolate must be >= 1, got {cfg.interpolate}")
     if files:
         fps = float(files[0][2].get("fps") or (meta.get("latent") or {}).get("fps") or 8.0)
         return torch.stack([z for _, z, _ in files]), fps
@@ -207,72 +426,43 @@ def interpolation_input(cfg: SampleConfig, vae, meta, device, files) -> tuple[to
 
 def run(args) -> list[Path]:
     from data.stats import un_whiten
-    from scripts.runtime.export import load_diffusion_export, load_export_text_encoder
-    from scripts.runtime.generation import (
-        decode_to_uint8,
-        generate,
-        save_latent_file,
-        write_outputs,
-    )
+    from scripts.runtime.generation import decode_to_uint8, save_latent_file, write_outputs
 
     cfg = resolve_config(SampleConfig, args)
     if args.negative_prompt is not None:  # taken verbatim (not through YAML like other overrides)
         cfg = replace(cfg, negative_prompt=args.negative_prompt)
-    if not cfg.checkpoint:
-        raise ConfigError("pass --checkpoint DIR (a diffusion export folder)")
+    if not cfg.checkpoint and not cfg.upsample:
+        raise ConfigError("pass --checkpoint DIR (a diffusion export folder), or --upsample SR_EXPORT with "
+                          "--latents / --init-video")
+    if cfg.interpolator and not (cfg.checkpoint and cfg.interpolate):
+        raise ConfigError("--interpolator is the model of --interpolate K after --checkpoint's samples")
     out = Path(args.output_dir)
     device = pick_device(cfg.device)
-    model, meta = load_diffusion_export(Path(cfg.checkpoint), map_location=device)
-    unet_cfg, diff_cfg, lat = meta["unet_config"], meta["diffusion_config"], meta["latent"]
-    if cfg.latents and not cfg.interpolate:
-        raise ConfigError("--latents is the input of --interpolate K (to decode latent files: scripts.decode_latents)")
-    files = latent_inputs(cfg.latents, meta) if cfg.latents else []
-    if files:  # one output per latent file
-        cfg = replace(cfg, num_samples=len(files))
-    names = (meta.get("class_names") or []) if unet_cfg.num_classes else []  # trained without labels: none
-    labels = resolve_labels(cfg, names)
-    prompts = read_prompts(cfg, args.prompt, bool(unet_cfg.text_dim))
-    texts, text, negative = [None] * cfg.num_samples, None, None
-    if prompts:
-        encoder = load_export_text_encoder(Path(cfg.checkpoint), meta)
-        texts = [prompts[i % len(prompts)] for i in range(cfg.num_samples)]
-        warning = encoder.truncation_warning(prompts + [cfg.negative_prompt or ""], "prompts",
-                                             "the model's text.max_length", "shorten them: the model was trained "
-                                             "with this length")
-        if warning:
-            print(f"warning: {warning}", file=sys.stderr, flush=True)
-        text = encoder.encode(texts)
-        negative = encoder.encode([cfg.negative_prompt]) if cfg.negative_prompt else None
-    vae, vae_path = find_autoencoder(cfg, meta)
-    known, fps = None, lat.get("fps") or 8.0
-    window = lat.get("clip_len") or 16
-    frames = cfg.frames or window
-    if cfg.interpolate:
-        known, fps_in = interpolation_input(cfg, vae, meta, device, files)
-        frames, fps = known.shape[2] * cfg.interpolate, fps_in * cfg.interpolate
-    elif cfg.init_video:
-        known = encode_init_video(cfg, vae, meta, device).expand(cfg.num_samples, -1, -1, -1, -1)
-    method = cfg.method if cfg.method != "auto" else ("condition" if unet_cfg.frame_conditioning else "reconstruction")
-    latents = generate(model, unet_cfg, diff_cfg, num=cfg.num_samples, frames=frames, latent_shape=lat["shape"],
-                       labels=labels, guidance_scale=cfg.guidance_scale, sampler=cfg.sampler, steps=cfg.steps,
-                       eta=cfg.eta, seed=cfg.seed, batch_size=cfg.batch_size, window=window, overlap=cfg.overlap or None,
-                       known=known, method=method, guidance_weight=cfg.guidance_weight, device=device,
-                       progress=True, text=text, negative_text=negative, interpolate=cfg.interpolate)
+    made = base_stage(cfg, args, device) if cfg.checkpoint else None
+    if cfg.upsample:
+        made = upsample_stage(cfg, made, device)
+    meta, n = made.meta, len(made.latents)
+    vae, _ = find_autoencoder(cfg, meta)
     written = []
-    for i in range(cfg.num_samples):
-        name = f"sample-{i:03d}" + (f"-{names[labels[i]]}" if labels else "") + (f"-{slug(texts[i])}" if texts[i] else "")
-        info = {"stats": lat.get("stats"), "autoencoder_sha256": (meta.get("autoencoder") or {}).get("weights_sha256"),
-                "fps": fps, "label": labels[i] if labels else None, "label_name": names[labels[i]] if labels else None,
-                "frames": frames, "known_frames": cfg.known_frames if known is not None else 0,
-                **({"interpolate": cfg.interpolate, "interpolated_from": str(files[i][0] if files else cfg.init_video)}
-                   if cfg.interpolate else {}),
-                "diffusion_export": str(Path(cfg.checkpoint).resolve()), "seed": cfg.seed,
-                **({"prompt": texts[i], "negative_prompt": cfg.negative_prompt or None} if texts[i] else {})}
-        written.append(save_latent_file(out / f"{name}.safetensors", latents[i], info))
+    for i in range(n):
+        label = made.labels[i] if made.labels else None
+        text = made.texts[i] if i < len(made.texts) else None
+        name = (f"sample-{i:03d}" + (f"-{made.names[label]}" if label is not None and made.names else "")
+                + (f"-{slug(text)}" if text else ""))
+        src = made.sources[i] if i < len(made.sources) else None
+        info = {"stats": made.stats, "autoencoder_sha256": _ae_hash(meta), "fps": made.fps, "label": label,
+                "label_name": made.names[label] if label is not None and made.names else None,
+                "frames": made.latents.shape[2], "known_frames": made.known_frames,
+                **({"interpolate": cfg.interpolate, "interpolated_from": src}
+                   if cfg.interpolate and src else {}),
+                **({"upsampled_from": src} if cfg.upsample and not cfg.checkpoint else {}),
+                "diffusion_export": made.cascade[-1]["export"], "seed": cfg.seed, "cascade": made.cascade,
+                **({"prompt": text, "negative_prompt": cfg.negative_prompt or None} if text else {})}
+        written.append(save_latent_file(out / f"{name}.safetensors", made.latents[i], info))
     if vae is not None:
-        videos = decode_to_uint8(vae.to(device), un_whiten(latents, lat.get("stats")), device=device)
+        videos = decode_to_uint8(vae.to(device), un_whiten(made.latents, made.stats), device=device)
         for i, lat_path in enumerate(list(written)):
-            written += write_outputs(videos[i], lat_path.with_suffix(""), fps, cfg.formats, cfg.upscale)
+            written += write_outputs(videos[i], lat_path.with_suffix(""), made.fps, cfg.formats, cfg.upscale)
     else:
         print("no autoencoder found: wrote latents only; decode them with scripts.decode_latents --autoencoder DIR")
     for p in written:

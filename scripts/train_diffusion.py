@@ -19,9 +19,17 @@ import torch
 from autoencoder.model import weights_hash
 from data.errors import BadInputError
 from data.latents import make_training_batches
+from data.pairs import LowResLatents, check_pairing
 from data.remote import as_location
 from data.shards import ShardError, load_manifest
-from diffusion.conditioning import drop_labels, drop_text, image_frames, training_frame_masks
+from diffusion.conditioning import (
+    augmentation_levels,
+    drop_labels,
+    drop_text,
+    image_frames,
+    noise_augment,
+    training_frame_masks,
+)
 from diffusion.config import DiffusionConfig, UNetConfig
 from diffusion.process import GaussianDiffusion
 from diffusion.text import TextConfig, TextEncoderError, check_same_encoder, load_text_encoder
@@ -70,6 +78,15 @@ class SampleEveryConfig:
 
 
 @dataclass
+class SuperResConfig:
+    """A spatial super-resolution stage of the cascade (README "The cascade")."""
+
+    low_res_shards: str = ""  # the same data encoded at a lower size ('' = a base model)
+    aug_max: float = 0.5  # training: augmentation level ~ U over the first aug_max of the schedule
+    sample_aug: float = 0.1  # the level sampling uses by default (a fraction of the schedule; exported)
+
+
+@dataclass
 class DiffusionRunConfig:
     """The sections of a stage-2 config file (configs/diffusion/*.yaml); the shards decide
     model.in_channels and model.num_classes (`resolve_model_config`)."""
@@ -82,6 +99,7 @@ class DiffusionRunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleEveryConfig = field(default_factory=SampleEveryConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    sr: SuperResConfig = field(default_factory=SuperResConfig)
 
 
 def main(argv=None) -> int:
@@ -91,9 +109,9 @@ def main(argv=None) -> int:
     return run_logged_main(lambda: train(args), errors)
 
 
-def resolve_model_config(cfg: DiffusionRunConfig, manifest: dict, text_encoder=None) -> DiffusionRunConfig:
-    """Fill in what the shards (and the text encoder) decide: latent channels, the number of
-    classes and the text width."""
+def resolve_model_config(cfg: DiffusionRunConfig, manifest: dict, text_encoder=None, low_res=None) -> DiffusionRunConfig:
+    """Fill in what the shards (and the text encoder, and a super-resolution stage's low-resolution
+    latents) decide: latent channels, the number of classes, the text width, the low-res channels."""
     if not cfg.data.shards:
         raise ConfigError("no shards given: pass --shards DIR (a folder written by encode_latents)")
     if cfg.cond.frame_cond_interp_prob and (not cfg.cond.frame_cond_interp_strides
@@ -101,10 +119,27 @@ def resolve_model_config(cfg: DiffusionRunConfig, manifest: dict, text_encoder=N
         raise ConfigError(f"cond.frame_cond_interp_strides must be >= 2 (got {cfg.cond.frame_cond_interp_strides})")
     if cfg.eval.every and cfg.eval.num_samples < 2:
         raise ConfigError(f"eval.num_samples is {cfg.eval.num_samples}; the Fréchet distance needs at least 2")
+    if cfg.sr.low_res_shards and (cfg.sample.every or cfg.eval.every):
+        raise ConfigError("sample.every / eval.every sample a base model; a super-resolution stage (sr.low_res_shards) "
+                          "is measured by scripts.benchmark --only sr: set them to 0")
+    if not 0 < cfg.sr.aug_max <= 1 or not 0 <= cfg.sr.sample_aug <= 1:
+        raise ConfigError(f"sr.aug_max must be in (0, 1] and sr.sample_aug in [0, 1] (fractions of the schedule), "
+                          f"got {cfg.sr.aug_max} and {cfg.sr.sample_aug}")
     channels = manifest["latent_shape"][0]
     classes = len(manifest.get("labels") or []) if cfg.data.class_conditional else 0
     width = text_encoder.width if text_encoder is not None else 0
-    return replace(cfg, model=replace(cfg.model, in_channels=channels, num_classes=classes, text_dim=width))
+    low = low_res.channels if low_res is not None else 0
+    return replace(cfg, model=replace(cfg.model, in_channels=channels, num_classes=classes, text_dim=width,
+                                      low_res_channels=low))
+
+
+def open_low_res(cfg) -> tuple:
+    """(LowResLatents, spatial factor) of a super-resolution stage, or (None, 0): the low-resolution
+    folder must pair with data.shards (same sources, clips and autoencoder; `data.pairs`)."""
+    if not cfg.sr.low_res_shards:
+        return None, 0
+    factor = check_pairing(cfg.data.shards, cfg.sr.low_res_shards)
+    return LowResLatents(cfg.sr.low_res_shards), factor
 
 
 def open_text_encoder(cfg, manifest: dict, device):
@@ -173,7 +208,8 @@ def train(args) -> None:
     device = acc.device
     rt.limit_cpu_threads(tc.num_workers, device)
     text_encoder = open_text_encoder(cfg, manifest, "cpu")  # frozen; CPU, it runs once per caption
-    cfg = resolve_model_config(cfg, manifest, text_encoder)
+    low_res, factor = open_low_res(cfg) if cfg.data.shards else (None, 0)
+    cfg = resolve_model_config(cfg, manifest, text_encoder, low_res)
     text = CaptionText(text_encoder) if text_encoder is not None else None
 
     rt.seed_init(tc.seed)  # initial weights depend on the seed only (same on every run and rank)
@@ -193,7 +229,7 @@ def train(args) -> None:
         vb, ib = batch
         debug.keys.write({"step": step + 1, "epoch": batches.epoch, "keys": vb["key"]})
         fps = fps or vb["meta"][0].get("fps")
-        logs = train_step(acc, model, diffusion, opt, sched, guard, cfg, vb, ib, step, text)
+        logs = train_step(acc, model, diffusion, opt, sched, guard, cfg, vb, ib, step, text, low_res)
         if logs is not None and debug.hashes.enabled:
             debug.hashes.write({"step": step + 1, "sha256": rt.param_hash(raw)})
         return logs
@@ -216,9 +252,14 @@ def train(args) -> None:
         if tc.tensorboard:
             acc.log({f"eval/{k}": v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}, step=step)
 
+    sr_meta = None
+    if low_res is not None:
+        sr_meta = {"low_res_shape": list(low_res.shape), "factor": factor, "low_res_stats": low_res.stats_dict(),
+                   "low_res_shards": cfg.sr.low_res_shards, "aug_max": cfg.sr.aug_max, "sample_aug": cfg.sr.sample_aug}
+
     def export():
         save_diffusion_export(out / "export", ema.averaged_model(raw).cpu(), cfg.model, cfg.diffusion, manifest,
-                              cfg.data.shards, fps=fps, text_encoder=text_encoder)
+                              cfg.data.shards, fps=fps, text_encoder=text_encoder, super_resolution=sr_meta)
 
     task = Task(name="diffusion", model=raw, ema=ema, guard=guard, batches=batches, step=step, export=export,
                 optimizers={"optimizer": opt}, schedulers={"scheduler": sched},
@@ -228,10 +269,12 @@ def train(args) -> None:
     run_training(acc, task, cfg, out)
 
 
-def train_step(acc, model, diffusion, opt, sched, guard, cfg, vb, ib, step, text=None):
+def train_step(acc, model, diffusion, opt, sched, guard, cfg, vb, ib, step, text=None, low_res=None):
     """One micro-batch of B clips + B_img images. The image pass runs first under no_sync, so its
     gradient is summed locally and all-reduced once with the video pass (DDP-safe even though
-    images leave the temporal parameters unused). Returns logs on an optimizer step."""
+    images leave the temporal parameters unused). A super-resolution stage (`low_res`) gets each
+    sample's low-resolution latents, noise-augmented at a random level. Returns logs on an
+    optimizer step."""
     tc, cc, device = cfg.train, cfg.cond, acc.device
     micro = acc.step % tc.grad_accum  # index inside the accumulation window (0 after a resume)
     g = rt.seed_step(tc.seed, step, acc.process_index, "cpu", micro=micro)
@@ -241,10 +284,16 @@ def train_step(acc, model, diffusion, opt, sched, guard, cfg, vb, ib, step, text
     logs = {"samples": total}
     with acc.accumulate(model):
         if ib is not None:
-            x_img = image_frames(ib["latent"], g).to(device)  # [B_img,C,1,h,w]
+            img_kwargs = _conditions(ib, cfg, g, text, device)
+            if low_res is None:
+                x_img = image_frames(ib["latent"], g).to(device)  # [B_img,C,1,h,w]
+            else:
+                pairs = low_res.batch(ib["key"], "image" if ib["latent"].shape[2] == 1 else "video")
+                x_img, low_img = image_frames(ib["latent"], g, paired=pairs)
+                x_img = x_img.to(device)
+                img_kwargs.update(_augmented(low_img, diffusion, cfg, g, device))
             with acc.no_sync(model), acc.autocast():
-                out = diffusion.training_losses(model, x_img, model_kwargs=_conditions(ib, cfg, g, text, device),
-                                                generator=g)
+                out = diffusion.training_losses(model, x_img, model_kwargs=img_kwargs, generator=g)
                 loss_img = out["loss"].sum() / total
             acc.backward(_poison(loss_img, step + 1))
             logs["loss_image"] = out["loss"].mean().item()
@@ -254,6 +303,8 @@ def train_step(acc, model, diffusion, opt, sched, guard, cfg, vb, ib, step, text
                                                         cc.frame_cond_interp_prob, cc.frame_cond_interp_strides)
             kwargs.update(cond_frames=x_vid * cond_mask, cond_mask=cond_mask)
         kwargs.update(_conditions(vb, cfg, g, text, device))
+        if low_res is not None:
+            kwargs.update(_augmented(low_res.batch(vb["key"], "video"), diffusion, cfg, g, device))
         with acc.autocast():
             out = diffusion.training_losses(model, x_vid, model_kwargs=kwargs, frame_mask=loss_mask, generator=g)
             loss_vid = out["loss"].sum() / total
@@ -284,6 +335,13 @@ def _conditions(batch, cfg, g, text, device) -> dict:
     tokens, mask = text(batch)
     kwargs["text"], kwargs["text_mask"] = tokens.to(device), drop_text(mask, cc.text_dropout, u).to(device)
     return kwargs
+
+
+def _augmented(low, diffusion, cfg, g, device) -> dict:
+    """A super-resolution batch's model inputs: the low-resolution latents noise-augmented at
+    random levels, and the levels."""
+    levels = augmentation_levels(low.shape[0], cfg.sr.aug_max, diffusion.num_timesteps, g)
+    return {"low_res": noise_augment(low, levels, diffusion.alphas_cumprod, g).to(device), "aug_level": levels.to(device)}
 
 
 def _poison(loss, step):

@@ -55,10 +55,11 @@ def test_a_video_file_is_interpolated_to_k_times_its_frames_and_fps(model, pipel
 
 
 def test_interpolation_inputs_are_checked(model, pipeline, tmp_path):
-    r = run_script("sample", "--checkpoint", model, "--interpolate", "2", "--output-dir", tmp_path / "a")
-    assert r.returncode == 2 and "needs exactly one input" in r.stderr
+    r = run_script("sample", "--checkpoint", model, "--interpolate", "2", "--latents", tmp_path,
+                   "--init-video", tmp_path / "x.mp4", "--output-dir", tmp_path / "a")
+    assert r.returncode == 2 and "give one input" in r.stderr
     r = run_script("sample", "--checkpoint", model, "--latents", tmp_path, "--output-dir", tmp_path / "c")
-    assert r.returncode == 2 and "--latents is the input of --interpolate" in r.stderr
+    assert r.returncode == 2 and "--latents is the input of --interpolate K or --upsample" in r.stderr
     save_latent_file(tmp_path / "bad.safetensors", torch.zeros(3, 4, 8, 8), {})
     r = run_script("sample", "--checkpoint", model, "--latents", tmp_path / "bad.safetensors", "--interpolate", "2",
                    "--output-dir", tmp_path / "b")

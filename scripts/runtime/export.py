@@ -22,10 +22,11 @@ FORMAT_VERSION = 1
 
 def save_diffusion_export(folder: Path, model: UNet3D, unet_cfg: UNetConfig, diff_cfg: DiffusionConfig,
                           manifest: dict, shards: Path | None = None, fps: float | None = None,
-                          text_encoder=None) -> Path:
+                          text_encoder=None, super_resolution: dict | None = None) -> Path:
     """Write the export with `data.files.write_export` (the old export stays whole until the new one is).
     A text-conditioned model's encoder (a `FrozenTextEncoder`) is saved in it as `text_encoder/`, and
-    its fingerprint recorded, so sampling encodes prompts exactly as training did."""
+    its fingerprint recorded, so sampling encodes prompts exactly as training did. A super-resolution
+    stage records its low-resolution input (`super_resolution`: shape, factor, stats, augmentation)."""
     meta = {
         "format_version": FORMAT_VERSION,
         "unet": unet_cfg.to_dict(),
@@ -40,6 +41,8 @@ def save_diffusion_export(folder: Path, model: UNet3D, unet_cfg: UNetConfig, dif
         "autoencoder": manifest.get("autoencoder") or {},
         "shards": (str(shards) if is_remote(shards) else str(Path(shards).resolve())) if shards else None,
     }
+    if super_resolution:
+        meta["super_resolution"] = super_resolution
     extras = None
     if text_encoder is not None:
         meta["text_encoder"] = text_encoder.fingerprint()

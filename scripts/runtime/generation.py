@@ -19,7 +19,14 @@ from safetensors.torch import save_file
 
 from data.files import atomic_write
 from data.stats import load_stats, un_whiten
-from diffusion.guidance import extend_video, interpolate_video, reconstruction_guided, replace_known
+from diffusion.conditioning import noise_augment
+from diffusion.guidance import (
+    extend_video,
+    fill_video,
+    interpolate_video,
+    reconstruction_guided,
+    replace_known,
+)
 from diffusion.sampling import classifier_free_guidance, sample
 from diffusion.schedules import make_alphas_cumprod
 
@@ -37,8 +44,13 @@ def generate(model, unet_cfg, diff_cfg, *, num: int, frames: int, latent_shape, 
              guidance_scale: float = 1.0, sampler: str = "dpmpp_2m", steps: int = 25, eta: float = 0.0, seed: int = 0,
              batch_size: int = 8, window: int | None = None, overlap: int | None = None, known=None,
              method: str = "condition", guidance_weight: float = 2.0, device="cpu", progress=False,
-             text=None, negative_text=None, interpolate: int = 0) -> torch.Tensor:
+             text=None, negative_text=None, interpolate: int = 0, low_res=None, aug_level: int = 0) -> torch.Tensor:
     """Whitened latents [num, C, frames, h, w].
+
+    A super-resolution stage is given `low_res` [num, C', frames, h', w'] (whitened with the
+    stage's low-resolution stats, noise-augmented to `aug_level` already: `upsample_latents`); its
+    frames are sampled in windows of `window` overlapping by `overlap`, each window given the
+    overlap frames the one before it made (frame conditioning) and its slice of `low_res`.
 
     `interpolate` = K > 0: temporal interpolation of `known` [num, C, N, h, w] to N x K frames
     (`diffusion.guidance.interpolate_video`; `frames` is then N x K).
@@ -67,9 +79,12 @@ def generate(model, unet_cfg, diff_cfg, *, num: int, frames: int, latent_shape, 
         kn = (known[start : start + n] if known is not None else torch.zeros(n, c, 0, h, w)).to(device)
         txt = None if text is None else {"text": text[0][start : start + n].to(device),
                                          "text_mask": text[1][start : start + n].to(device)}
+        low = None if low_res is None else low_res[start : start + n].to(device)
 
-        def sample_fn(context, mask, lab=lab, g=g, n=n, txt=txt):
+        def sample_fn(context, mask, frames=None, lab=lab, g=g, n=n, txt=txt, low=low):
             cond = ({} if lab is None else {"class_labels": lab}) | (txt or {})
+            if low is not None:
+                cond.update(low_res=low[:, :, frames], aug_level=torch.full((n,), aug_level, device=device))
             net = model
             if ((unet_cfg.num_classes and lab is not None) or txt) and guidance_scale != 1.0:
                 net = classifier_free_guidance(model, guidance_scale, null_label=unet_cfg.num_classes or None,
@@ -84,11 +99,45 @@ def generate(model, unet_cfg, diff_cfg, *, num: int, frames: int, latent_shape, 
                        noise_correlation=diff_cfg.frame_noise_correlation)
             return replace_known(x, context, mask)
 
-        if interpolate:
+        if low is not None:
+            video = torch.zeros(n, c, low.shape[2], h, w, device=device)
+            fixed = torch.zeros(low.shape[2], dtype=torch.bool)
+            outs.append(fill_video(sample_fn, video, fixed, window, overlap).cpu())
+        elif interpolate:
             outs.append(interpolate_video(sample_fn, kn, interpolate, window, overlap).cpu())
         else:
             outs.append(extend_video(sample_fn, kn, frames, window, overlap).cpu())
     return torch.cat(outs)
+
+
+@torch.no_grad()
+def upsample_latents(model, meta: dict, low: torch.Tensor, *, labels=None, text=None, negative_text=None,
+                     guidance_scale: float = 1.0, sampler: str = "ddpm", steps: int = 100, eta: float = 0.0,
+                     seed: int = 0, batch_size: int = 8, overlap: int | None = None, aug: float | None = None,
+                     device="cpu", progress=False) -> torch.Tensor:
+    """A super-resolution export's latents [N, C, T, H, W] (whitened with its own stats) from
+    low-resolution latents [N, C', T, h, w] whitened with its `low_res_stats`. The
+    input is noise-augmented once, to `aug` (a fraction of the schedule; default: the export's
+    `sample_aug`), with a seeded draw."""
+    sr = meta.get("super_resolution")
+    if not sr:
+        raise ValueError("this diffusion export is not a super-resolution stage (trained without sr.low_res_shards)")
+    want = sr["low_res_shape"]
+    if low.ndim != 5 or [low.shape[1], *low.shape[3:]] != [want[0], *want[1:]]:
+        raise ValueError(f"the super-resolution stage takes low-resolution latents [N, {want[0]}, T, {want[1]}, "
+                         f"{want[2]}], got {list(low.shape)}")
+    unet_cfg, diff_cfg, lat = meta["unet_config"], meta["diffusion_config"], meta["latent"]
+    aug = sr.get("sample_aug", 0.0) if aug is None else aug
+    if not 0 <= aug <= 1:
+        raise ValueError(f"the augmentation level is a fraction of the schedule in [0, 1], got {aug}")
+    level = min(int(round(aug * diff_cfg.num_timesteps)), diff_cfg.num_timesteps - 1)
+    g = torch.Generator().manual_seed(seed + 7919)
+    augmented = noise_augment(low.float(), torch.full((low.shape[0],), level), alphas_for(diff_cfg), g)
+    window = lat.get("clip_len") or low.shape[2]
+    return generate(model, unet_cfg, diff_cfg, num=low.shape[0], frames=low.shape[2], latent_shape=lat["shape"],
+                    labels=labels, guidance_scale=guidance_scale, sampler=sampler, steps=steps, eta=eta, seed=seed,
+                    batch_size=batch_size, window=window, overlap=overlap, device=device, progress=progress,
+                    text=text, negative_text=negative_text, low_res=augmented, aug_level=level)
 
 
 def save_latent_file(path: Path, latent: torch.Tensor, meta: dict) -> Path:
