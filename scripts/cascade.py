@@ -14,7 +14,7 @@ sr.low_res_shards = the low ones) -> sample (the chain: `scripts.sample --checkp
 --interpolate 2 --upsample SR`: 8 frames at 16x16 -> 16 frames at 32x32, at twice the fps) ->
 evaluation (report.json).
 
-Evaluation: each held-out video (16 frames, 32x32) is downscaled to 16x16 and encoded as the
+Evaluation (each row: a noise-augmentation level and a window length): each held-out video (16 frames, 32x32) is downscaled to 16x16 and encoded as the
 training pairs were, then (a) upsampled by the SR stage and decoded, (b) decoded at 16x16 and
 upsampled bicubically (the baseline), (c) the original encoded and decoded at 32x32 (stage 1's
 floor). Each against the original: PSNR, SSIM, foreground PSNR and ΔE (data.colour), and the
@@ -53,12 +53,14 @@ def parse_args(argv):
     p.add_argument("--sample-steps", type=int, default=100)
     p.add_argument("--aug-levels", default="0,0.1,0.25",
                    help="noise-augmentation levels (fractions of the schedule) the evaluation samples at")
+    p.add_argument("--windows", default="16,8",
+                   help="SR windows (frames) evaluated: the first at every level, the others at level 0")
     p.add_argument("--quick", action="store_true", help="tiny budgets and data (for tests)")
     p.add_argument("--fresh", action="store_true")
     args = p.parse_args(argv)
     if args.quick:
         args.num_videos, args.heldout_videos, args.num_samples, args.sample_steps = 8, 3, 2, 3
-        args.base_steps, args.sr_steps, args.vae_steps, args.aug_levels = 2, 2, 2, "0.1"
+        args.base_steps, args.sr_steps, args.vae_steps, args.aug_levels, args.windows = 2, 2, 2, "0.1", "16"
     return args
 
 
@@ -106,7 +108,9 @@ def main(argv=None) -> int:
     }
     times = {name: run_stage(out, name, plan[name], args.fresh, tag="cascade") for name in STAGES}
     levels = [float(x) for x in args.aug_levels.split(",") if x.strip()]
-    report = {"seconds": times, "super_resolution": evaluate_sr(out, levels, args.sampler, args.sample_steps),
+    windows = [int(x) for x in args.windows.split(",") if x.strip()]
+    rows = [(level, windows[0]) for level in levels] + [(0.0, w) for w in windows[1:]]
+    report = {"seconds": times, "super_resolution": evaluate_sr(out, rows, args.sampler, args.sample_steps),
               "samples": [str(p) for p in sorted(samples.glob("*.mp4"))]}
     (out / "report.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
@@ -130,8 +134,9 @@ def _scores(truth: list[np.ndarray], videos: list[np.ndarray]) -> dict:
     return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
 
 
-def evaluate_sr(out: Path, levels: list[float], sampler: str, steps: int) -> dict:
-    """The SR stage against bicubic upsampling and stage 1's floor on the held-out videos."""
+def evaluate_sr(out: Path, rows: list[tuple[float, int]], sampler: str, steps: int) -> dict:
+    """The SR stage against bicubic upsampling and stage 1's floor on the held-out videos, for each
+    (augmentation level, window) in `rows`."""
     import cv2
     import torch
 
@@ -158,13 +163,14 @@ def evaluate_sr(out: Path, levels: list[float], sampler: str, steps: int) -> dic
     result = {"clips": len(truth), "frames_per_clip": int(truth[0].shape[0]), "sampler": sampler, "steps": steps,
               "bicubic": _scores(truth, bicubic), "stage1_floor": _scores(truth, list(decode_to_uint8(vae, highs))),
               "sr": {}}
-    for level in levels:
+    for level, window in rows:
         start = time.perf_counter()
         z = upsample_latents(model, meta, whiten(lows, srm["low_res_stats"]), labels=labels, sampler=sampler,
-                             steps=steps, seed=0, batch_size=len(truth), aug=level)
+                             steps=steps, seed=0, batch_size=len(truth), aug=level, window=window)
         seconds = time.perf_counter() - start
         frames = decode_to_uint8(vae, un_whiten(z, meta["latent"]["stats"]))
-        result["sr"][str(level)] = {**_scores(truth, list(frames)), "s_per_output_frame": seconds / z.shape[0] / z.shape[2]}
+        result["sr"][f"aug={level} window={window}"] = {**_scores(truth, list(frames)),
+                                                        "s_per_output_frame": seconds / z.shape[0] / z.shape[2]}
     best = max(result["sr"].values(), key=lambda r: r["psnr"])
     result["best_gain_over_bicubic_db"] = best["psnr"] - result["bicubic"]["psnr"]
     return result

@@ -61,13 +61,15 @@ class SampleConfig:
     upsample_aug: float = -1.0  # its noise-augmentation level (fraction of the schedule); < 0: the export's
     upsample_steps: int = 0  # 0: --steps
     upsample_sampler: str = ""  # '': --sampler
+    upsample_window: int = 0  # frames per SR window; 0: twice the SR stage's training clip
 
 
 FLAGS = {"checkpoint": str, "num_samples": int, "frames": int, "classes": str, "guidance_scale": float,
          "sampler": str, "steps": int, "seed": int, "batch_size": int, "init_video": str, "known_frames": int,
          "method": str, "autoencoder": str, "formats": str, "device": str, "upscale": int, "eta": float,
          "overlap": int, "guidance_weight": float, "interpolate": int, "latents": str, "interpolator": str,
-         "upsample": str, "upsample_aug": float, "upsample_steps": int, "upsample_sampler": str}
+         "upsample": str, "upsample_aug": float, "upsample_steps": int, "upsample_sampler": str,
+         "upsample_window": int}
 
 
 def parse_args(argv):
@@ -404,7 +406,7 @@ def upsample_stage(cfg: SampleConfig, made: Made | None, device) -> Made:
     out = upsample_latents(model, meta, low, labels=_labels_for(meta, made), text=text, negative_text=negative,
                            sampler=cfg.upsample_sampler or cfg.sampler, steps=cfg.upsample_steps or cfg.steps,
                            eta=cfg.eta, seed=cfg.seed + 2, batch_size=cfg.batch_size, overlap=cfg.overlap or None,
-                           aug=aug, device=device, progress=True)
+                           aug=aug, window=cfg.upsample_window or None, device=device, progress=True)
     level = sr.get("sample_aug", 0.0) if aug is None else aug
     return replace(made, latents=out, meta=meta, stats=meta["latent"].get("stats"),
                    cascade=[*made.cascade, {"stage": "upsample", "export": str(Path(cfg.upsample).resolve()),

@@ -209,8 +209,8 @@ def test_the_cascade_driver_runs_every_stage_and_scores_sr_against_bicubic(tmp_p
     assert cascade.main(["--quick", "--output-dir", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
     sr = report["super_resolution"]
-    assert set(sr["sr"]) == {"0.1"} and sr["clips"] == 3 and sr["frames_per_clip"] == 16
-    for row in (sr["bicubic"], sr["stage1_floor"], sr["sr"]["0.1"]):
+    assert set(sr["sr"]) == {"aug=0.1 window=16"} and sr["clips"] == 3 and sr["frames_per_clip"] == 16
+    for row in (sr["bicubic"], sr["stage1_floor"], sr["sr"]["aug=0.1 window=16"]):
         assert set(row) >= {"psnr", "ssim", "fg_psnr", "delta_e", "flicker_ratio"} and np.isfinite(row["psnr"])
     (mp4, *_) = sorted((out / "samples").glob("*.mp4"))
     from data.video_io import video_info
