@@ -33,13 +33,15 @@ from scripts.runtime.measure import MEM_METHOD, PeakMemory, measure, setup
 from scripts.runtime.reference import build_unet, build_vae, model_section
 
 ROOT = Path(__file__).resolve().parent.parent
-BENCHES = ("vae", "encode", "reader", "unet", "sampling", "sampler_quality", "quality", "fastpath", "interpolation")
+BENCHES = ("vae", "encode", "reader", "unet", "sampling", "sampler_quality", "quality", "fastpath", "interpolation",
+           "fsdp")
 DEFAULT_BENCHES = BENCHES[:5]  # sampler_quality needs a trained demo (make demo) and ~10 CPU minutes;
 # quality (scripts.quality) trains the whole pipeline end to end: ~40 CPU minutes
 SAMPLER_QUALITY_RUNS = [("training", 0), ("ddpm", 250), ("dpmpp_2m", 5), ("dpmpp_2m", 10), ("dpmpp_2m", 15),
                         ("dpmpp_2m", 25), ("dpmpp_2m", 50), ("ddim", 50)]
 # default repeats per bench (timed calls after one warm-up call); --repeats overrides all of them
-REPEATS = {"vae": 3, "encode": 2, "reader": 3, "unet": 1, "sampling": 1, "sampler_quality": 1, "fastpath": 3, "interpolation": 1}
+REPEATS = {"vae": 3, "encode": 2, "reader": 3, "unet": 1, "sampling": 1, "sampler_quality": 1, "fastpath": 3, "interpolation": 1,
+           "fsdp": 1}
 
 # ----------------------------------------------------------------------------- worker side (one measurement)
 
@@ -147,6 +149,40 @@ def run_fastpath(spec: dict) -> dict:
     out = measure(spec, step, device, sync, count_flops=False)
     out.update(gflops=gflops, gflop_per_s=gflops / (out["ms"] / 1e3), compile_s=compile_s)
     return {**out, **_mfu(spec, out)}
+
+
+def run_fsdp(spec: dict) -> dict:
+    """Peak memory per process of `accelerate launch` with 2 CPU processes (gloo) training stage 2
+    for a few steps on random latent shards, with DDP or with train.fsdp (the same run otherwise)."""
+    import socket
+
+    scratch = Path(tempfile.mkdtemp(prefix="lvd-fsdp-"))
+    try:
+        _write_shards(scratch / "shards", 8, (4, spec["T"], spec["hw"], spec["hw"]), per_shard=4)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        env = {**os.environ, "ACCELERATE_USE_CPU": "true", "LVD_DEBUG_PEAK_MEMORY": "1", "HF_HOME": str(scratch / "hf")}
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--num_cpu_threads_per_process", str(spec.get("threads") or 1), "--main_process_port", str(port),
+               "-m", "scripts.train_diffusion", "--config", f"configs/diffusion/{spec['config']}.yaml",
+               "--shards", str(scratch / "shards"), "--output-dir", str(scratch / "run"), "--max-steps", str(spec["steps"]),
+               "train.batch_size=1", "data.image_ratio=0", "data.class_conditional=false", "train.num_workers=0",
+               "train.mixed_precision=no", "train.checkpoint_every=1000", "sample.every=0", "data.shuffle_buffer=4",
+               f"train.fsdp={str(spec['mode'] == 'fsdp').lower()}"]  # fmt: skip
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+        seconds = time.perf_counter() - start
+        if proc.returncode:
+            return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1]}
+        ranks = [json.loads((scratch / "run" / f"memory-rank{r}.json").read_text()) for r in (0, 1)]
+        return {"peak_rss_training_mb_per_process": max(r["peak_rss_training_mb"] for r in ranks),
+                "peak_rss_mb_per_process": max(r["peak_rss_mb"] for r in ranks),
+                "peak_rss_mb_by_rank": [r["peak_rss_mb"] for r in ranks],
+                "parameter_mb_per_process": max(r["parameter_mb"] for r in ranks), "launch_s": seconds}
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _write_shards(folder: Path, n: int, latent_shape: tuple, per_shard: int = 64) -> None:
@@ -276,7 +312,7 @@ def run_sampling(spec: dict) -> dict:
 
 
 WORKERS = {"vae": run_vae, "unet": run_unet, "reader": run_reader, "fastpath": run_fastpath, "encode": run_encode, "sampling": run_sampling,
-           "sampler_quality": sampler_quality, "interpolation": interpolation_quality}
+           "sampler_quality": sampler_quality, "interpolation": interpolation_quality, "fsdp": run_fsdp}
 
 # ----------------------------------------------------------------------------- parent side (plan, spawn, report)
 
@@ -310,6 +346,9 @@ def plan(bench: str, quick: bool) -> list[dict]:
         if not quick:  # compilation takes minutes on CPU
             variants += [("fp32", True, False, False), ("bf16", True, False, False), ("bf16", True, True, True)]
         return [dict(bench="fastpath", **shape, dtype=d, compile=c, channels_last=cl, fused=f) for d, c, cl, f in variants]
+    if bench == "fsdp":  # the same 2-process run with DDP (the reference) and with train.fsdp
+        shape = dict(config="tiny", T=4, hw=8, steps=2) if quick else dict(config="base", T=8, hw=16, steps=3)
+        return [dict(bench="fsdp", mode=m, **shape) for m in ("ddp", "fsdp")]
     if bench == "interpolation":  # a trained demo-style model (--demo-dir), held-out clips of seed 7
         return [dict(bench="interpolation", N=4 if quick else 24, factor=2, seed=7, sampler="ddpm", steps=5 if quick else 250)]
     if bench == "sampler_quality":
@@ -365,7 +404,9 @@ def report(spec: dict, ours: dict, ref: dict | None, reason: str | None, args) -
             line["reference_reason"] = reason
         else:
             line.update(_ratios(spec["bench"], ours, ref))
-    line.update(device=args.device, dtype=spec["dtype"], repeats=spec["repeats"], threads=_threads(args), mem_method=MEM_METHOD[args.device.split(":")[0]],
+    method = ("peak resident memory of each process over the whole launch (getrusage ru_maxrss), the larger of the "
+              "two" if spec["bench"] == "fsdp" else MEM_METHOD[args.device.split(":")[0]])
+    line.update(device=args.device, dtype=spec["dtype"], repeats=spec["repeats"], threads=_threads(args), mem_method=method,
                 loadavg=[round(v, 2) for v in os.getloadavg()])  # fmt: skip
     return line
 
@@ -471,6 +512,12 @@ def main(argv=None) -> int:
                 ours = spawn(spec)
                 ref, why = _reference_for(spec, reason)
                 lines.append(report(spec, ours, ref, why, args))
+                if bench == "fsdp" and index and "peak_rss_mb_per_process" in ours and "error" not in lines[-2]:
+                    ddp = lines[-2]
+                    lines[-1]["peak_rss_vs_ddp"] = ours["peak_rss_mb_per_process"] / ddp["peak_rss_mb_per_process"]
+                    lines[-1]["peak_rss_training_vs_ddp"] = (ours["peak_rss_training_mb_per_process"]
+                                                             / ddp["peak_rss_training_mb_per_process"])
+                    lines[-1]["parameters_vs_ddp"] = ours["parameter_mb_per_process"] / ddp["parameter_mb_per_process"]
                 if bench == "fastpath" and index and "ms" in ours and "ms" in lines[-1 - index]:
                     lines[-1]["speedup_vs_fp32_eager"] = lines[-1 - index]["ms"] / ours["ms"]
                 extra = _scaling_line(lines) if bench == "unet" and index == len(items) - 1 else None

@@ -109,6 +109,8 @@ def train(args) -> None:
     out = Path(args.output_dir)
     cfg = resolve_config(AutoencoderRunConfig, args, write=False)
     tc = cfg.train
+    if tc.fsdp:  # README "Known limits": the VAE is small; FSDP is built for the U-Net
+        raise ConfigError("train.fsdp shards stage 2 (train_diffusion) only; stage 1 trains with DDP")
     if tc.mixed_precision == "fp16":
         # one GradScaler for two optimizers: accelerate updates it after each optimizer's step, so the
         # discriminator's gradients would be unscaled twice. bf16 needs no scaler.

@@ -33,7 +33,8 @@ from diffusion.conditioning import (
 from diffusion.config import DiffusionConfig, UNetConfig
 from diffusion.process import GaussianDiffusion
 from diffusion.text import TextConfig, TextEncoderError, check_same_encoder, load_text_encoder
-from diffusion.unet3d import UNet3D
+from diffusion.unet3d import UNet3D, UNetBlock
+from scripts.runtime import sharding
 from scripts.runtime import training as rt
 from scripts.runtime.checkpoint import CheckpointError
 from scripts.runtime.cli import parse_training_args, resolve_config, run_logged_main
@@ -214,12 +215,25 @@ def train(args) -> None:
 
     rt.seed_init(tc.seed)  # initial weights depend on the seed only (same on every run and rank)
     model = rt.fast_path(UNet3D(cfg.model).to(device), tc)
+    if tc.fsdp:  # each process keeps 1/N of every block's parameters (scripts/runtime/sharding.py)
+        sharding.shard(model, UNetBlock)
     diffusion = GaussianDiffusion(cfg.diffusion)
     opt = rt.adamw(model.parameters(), tc, device, weight_decay=tc.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, rt.lr_lambda(tc))
-    model, opt = acc.prepare(model, opt)
+    if tc.fsdp:
+        opt = acc.prepare(opt)  # the model is sharded already: accelerate must not wrap it in DDP
+    else:
+        model, opt = acc.prepare(model, opt)
     raw = acc.unwrap_model(model)
     ema, guard = rt.EMA(raw, tc.ema_decay), rt.NonFiniteGuard(tc.max_nonfinite)
+    full_ema: dict = {}  # train.fsdp: the gathered averages, for the main process's jobs
+
+    def averaged():
+        if not tc.fsdp:
+            return ema.averaged_model(raw)
+        plain = UNet3D(cfg.model)
+        plain.load_state_dict({k: v.to(plain.state_dict()[k].dtype) for k, v in full_ema.items()})
+        return plain.eval()
     batches = make_batches(cfg, acc.process_index, acc.num_processes, expected_autoencoder(cfg))
     debug = rt.DebugLogs(out, acc.process_index)
     fps = None  # the training clips' frame rate, recorded in the export
@@ -236,7 +250,7 @@ def train(args) -> None:
 
     def samples(step: int):  # decoded and scored against the data when sample.autoencoder is set
         s = cfg.sample
-        quality = periodic_samples(ema.averaged_model(raw).to(device), cfg.model, cfg.diffusion, manifest,
+        quality = periodic_samples(averaged().to(device), cfg.model, cfg.diffusion, manifest,
                                    cfg.data.shards, out / "samples", step=step, num=s.num, steps=s.steps,
                                    sampler=s.sampler, guidance_scale=s.guidance_scale,
                                    autoencoder=s.autoencoder or None, seed=tc.seed, fps=fps, device=device,
@@ -245,7 +259,7 @@ def train(args) -> None:
             rt.MetricsLog(out / "metrics.jsonl").write(quality)
 
     def evaluate(step: int):  # eval.every: weight-free metrics against the training clips
-        row = periodic_eval(ema.averaged_model(raw).to(device), cfg.model, cfg.diffusion, manifest, cfg.data.shards,
+        row = periodic_eval(averaged().to(device), cfg.model, cfg.diffusion, manifest, cfg.data.shards,
                             cfg.eval, step=step, seed=tc.seed, autoencoder=cfg.sample.autoencoder or None,
                             device=device, text_encoder=text_encoder)
         rt.MetricsLog(out / "metrics.jsonl").write(row)
@@ -258,14 +272,15 @@ def train(args) -> None:
                    "low_res_shards": cfg.sr.low_res_shards, "aug_max": cfg.sr.aug_max, "sample_aug": cfg.sr.sample_aug}
 
     def export():
-        save_diffusion_export(out / "export", ema.averaged_model(raw).cpu(), cfg.model, cfg.diffusion, manifest,
+        save_diffusion_export(out / "export", averaged().cpu(), cfg.model, cfg.diffusion, manifest,
                               cfg.data.shards, fps=fps, text_encoder=text_encoder, super_resolution=sr_meta)
 
     task = Task(name="diffusion", model=raw, ema=ema, guard=guard, batches=batches, step=step, export=export,
                 optimizers={"optimizer": opt}, schedulers={"scheduler": sched},
                 configs={"model_config": cfg.model.to_dict(), "diffusion_config": cfg.diffusion.to_dict(),
                          **({"text_encoder": text_encoder.fingerprint()} if text_encoder else {})},
-                periodic=[Periodic(cfg.sample.every, samples), Periodic(cfg.eval.every, evaluate)], logs=[debug.hashes, debug.keys])
+                periodic=[Periodic(cfg.sample.every, samples), Periodic(cfg.eval.every, evaluate)], logs=[debug.hashes, debug.keys],
+                gather=(lambda: full_ema.update(ema.full_state_dict())) if tc.fsdp else None, sharded=tc.fsdp)
     run_training(acc, task, cfg, out)
 
 

@@ -66,6 +66,10 @@ class TrainConfig:
     compile: bool = False
     fused_adamw: str = "auto"  # auto | on | off
     channels_last: bool = False
+    # shard parameters, gradients, optimizer state and the EMA over the processes (torch FSDP2,
+    # `fully_shard` per U-Net block; scripts/runtime/sharding.py); checkpoints and exports hold
+    # full tensors. Stage 2 only, under `accelerate launch` (any backend, gloo included)
+    fsdp: bool = False
 
     def __post_init__(self):
         if self.mixed_precision not in ("no", "bf16", "fp16"):

@@ -8,6 +8,8 @@ which model it trains; the trainer never sees a checkpoint.
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -16,6 +18,7 @@ from typing import Any, Protocol
 
 from tqdm.auto import tqdm
 
+from scripts.runtime import sharding
 from scripts.runtime.checkpoint import CheckpointError, CheckpointManager
 from scripts.runtime.config import save_config
 from scripts.runtime.training import EMA, MetricsLog, NonFiniteGuard
@@ -63,6 +66,10 @@ class Task:
     configs: dict[str, dict] = field(default_factory=dict)  # must equal the checkpoint's on resume
     periodic: list[Periodic] = field(default_factory=list)
     logs: list[MetricsLog] = field(default_factory=list)  # more per-step logs, truncated on resume
+    # train.fsdp: run on every process before main-process jobs (periodic, export), to gather the
+    # sharded state they read; the model and optimizers are then sharded (scripts/runtime/sharding.py)
+    gather: Callable[[], None] | None = None
+    sharded: bool = False
 
 
 def run_training(acc, task: Task, cfg, out: Path) -> None:
@@ -84,6 +91,7 @@ def run_training(acc, task: Task, cfg, out: Path) -> None:
     bar = tqdm(total=tc.max_steps, initial=step, disable=not acc.is_main_process, desc=task.name)
     lr_of = next(iter(task.schedulers.values()))
     t_last, samples_since, batches = time.time(), 0, _forever(task.batches)
+    training_peak = 0.0
     while step < tc.max_steps:
         logs = task.step(next(batches), step)
         if logs is None:  # gradient-accumulation micro-step
@@ -101,13 +109,19 @@ def run_training(acc, task: Task, cfg, out: Path) -> None:
                 acc.log({k: v for k, v in rec.items() if isinstance(v, (int, float))}, step=step)
             bar.set_postfix(loss=f"{logs['loss']:.4f}")
             t_last, samples_since = now, 0
-        for job in task.periodic:
-            due = job.every and step % job.every == 0 and not (job.at_end and step == tc.max_steps)
-            if due and acc.is_main_process:
+        due = [job for job in task.periodic
+               if job.every and step % job.every == 0 and not (job.at_end and step == tc.max_steps)]
+        if due and task.gather is not None:
+            task.gather()
+        for job in due:
+            if acc.is_main_process:
                 job.run(step)
         if step % tc.checkpoint_every == 0 or step == tc.max_steps:
+            training_peak = training_peak or _peak_rss_mb()  # before the first gather of the full state
             _save(acc, task, ckpt, step)
     bar.close()
+    if task.gather is not None:
+        task.gather()
     if acc.is_main_process:
         for job in task.periodic:
             if job.at_end:
@@ -115,7 +129,28 @@ def run_training(acc, task: Task, cfg, out: Path) -> None:
         task.export()
         acc.print(f"exported EMA weights to {out / 'export'}")
     acc.wait_for_everyone()
+    _memory_report(acc, task, out, training_peak)
     acc.end_training()
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _memory_report(acc, task: Task, out: Path, training_peak: float) -> None:
+    """Debug hook for the FSDP benchmark, off unless LVD_DEBUG_PEAK_MEMORY is set: each process writes
+    DIR/memory-rank{R}.json with its peak resident memory up to the first checkpoint (training
+    steps only) and over the whole run (checkpoints gather the full state), and the parameter
+    bytes it holds."""
+    if os.environ.get("LVD_DEBUG_PEAK_MEMORY", "") in ("", "0"):
+        return
+    local = sum((p.to_local() if hasattr(p, "to_local") else p).numel() * p.element_size()
+                for p in task.model.parameters())
+    (out / f"memory-rank{acc.process_index}.json").write_text(json.dumps(
+        {"peak_rss_training_mb": training_peak, "peak_rss_mb": _peak_rss_mb(), "parameter_mb": local / 2**20,
+         "sharded": task.sharded}))
 
 
 def _forever(batches: BatchSource) -> Iterator[Any]:
@@ -130,11 +165,22 @@ def _resume(acc, task: Task, ckpt: CheckpointManager) -> int:
         return 0
     tensors, objects, meta = ckpt.load(latest)
     check_same_configs(meta, task.configs, latest)
-    task.model.load_state_dict(tensors["model"])
+    if bool(meta.get("fsdp")) != task.sharded:
+        raise CheckpointError(f"{latest} was written with train.fsdp={str(bool(meta.get('fsdp'))).lower()}; "
+                              "resume with the same setting (or use another --output-dir)")
+    if task.sharded:
+        sharding.load_model_state(task.model, tensors["model"])
+    else:
+        task.model.load_state_dict(tensors["model"])
     for name, module in task.modules.items():
         module.load_state_dict(tensors[name])
     task.ema.load_state_dict(tensors["ema"], meta["ema_updates"])
-    for name, obj in {**task.optimizers, **task.schedulers}.items():
+    for name, obj in task.optimizers.items():
+        if task.sharded:
+            sharding.load_optimizer_state(task.model, obj, objects[name])
+        else:
+            obj.load_state_dict(objects[name])
+    for name, obj in task.schedulers.items():
         obj.load_state_dict(objects[name])
     if acc.scaler is not None and "scaler" in objects:
         acc.scaler.load_state_dict(objects["scaler"])
@@ -148,13 +194,19 @@ def _resume(acc, task: Task, ckpt: CheckpointManager) -> int:
 
 
 def _save(acc, task: Task, ckpt: CheckpointManager, step: int) -> None:
-    objects = {name: obj.state_dict() for name, obj in {**task.optimizers, **task.schedulers}.items()}
+    """Every process calls it (sharded state is gathered with collectives); the main one writes."""
+    objects = {name: (sharding.optimizer_state(task.model, obj) if task.sharded else obj.state_dict())
+               for name, obj in task.optimizers.items()}
+    objects.update({name: obj.state_dict() for name, obj in task.schedulers.items()})
     if acc.scaler is not None:
         objects["scaler"] = acc.scaler.state_dict()
     tensors = {"model": task.model.state_dict(), **{n: m.state_dict() for n, m in task.modules.items()},
                "ema": task.ema.state_dict()}
+    if task.sharded:
+        tensors = {name: sharding.full_tensors(state, keep=acc.is_main_process) for name, state in tensors.items()}
     meta = {"data": task.batches.state_dict(), "guard": task.guard.state_dict(), "ema_updates": task.ema.num_updates,
-            **task.configs, **{name: obj.state_dict() for name, obj in task.state.items()}}
+            **task.configs, **{name: obj.state_dict() for name, obj in task.state.items()},
+            **({"fsdp": True} if task.sharded else {})}
     ckpt.save(step, tensors=tensors, objects=objects, meta=meta)
 
 

@@ -138,9 +138,19 @@ class EMA:
         missing = set(self.shadow) ^ set(state)
         if missing:
             raise ValueError(f"EMA state does not match the model: {sorted(missing)[:5]}")
-        # checkpoints load on the CPU: keep each average on its model's device (CUDA after a resume)
-        self.shadow = {k: v.to(self.shadow[k].device, torch.float32).clone() for k, v in state.items()}
+        # checkpoints load on the CPU: keep each average on its model's device (CUDA after a resume),
+        # sharded like the model's parameters under train.fsdp
+        from scripts.runtime.sharding import like
+
+        self.shadow = {k: like(v.to(torch.float32), self.shadow[k]).to(self.shadow[k].device).clone()
+                       for k, v in state.items()}
         self.num_updates = num_updates
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The averages as full CPU tensors (a collective under train.fsdp: every process calls it)."""
+        from scripts.runtime.sharding import full_tensors
+
+        return full_tensors(self.shadow)
 
     def copy_to(self, model: nn.Module) -> nn.Module:
         sd = model.state_dict()
@@ -217,8 +227,10 @@ def grad_norms(acc, parameter_groups, max_norm: float) -> list[float]:
     """Clip each group's gradients to `max_norm` and return their norms (after DDP's all-reduce,
     so every process sees the same numbers). fp16 gradients are unscaled once, for every optimizer:
     accelerate's clip_grad_norm_ unscales all optimizers on each call, so a second call raises."""
+    from scripts.runtime.sharding import scalar
+
     acc.unscale_gradients()
-    return [float(torch.nn.utils.clip_grad_norm_(list(ps), max_norm)) for ps in parameter_groups]
+    return [scalar(torch.nn.utils.clip_grad_norm_(list(ps), max_norm)) for ps in parameter_groups]
 
 
 def finish_step(acc, ok: bool, optimizer, scheduler) -> None:
@@ -306,7 +318,10 @@ class DebugLogs:
 
 
 def param_hash(model) -> str:
+    """sha256 of every parameter in order; sharded parameters (train.fsdp) are gathered first, so
+    every process hashes the same full weights (a collective then: all processes call it)."""
     h = hashlib.sha256()
     for p in model.parameters():
+        p = p.full_tensor() if hasattr(p, "full_tensor") else p
         h.update(p.detach().cpu().numpy().tobytes())
     return h.hexdigest()
