@@ -223,18 +223,29 @@ class Made:
     sources: list[str | None] = field(default_factory=list)  # the input file of each sample, if any
     cascade: list[dict] = field(default_factory=list)
     known_frames: int = 0
+    vae: object = None  # the autoencoder a stage loaded (found and checked once), reused to decode
 
 
 def _encode_prompts(cfg, folder, meta, texts: list[str | None]):
     """(tokens, mask) of each sample's prompt with an export's own encoder, the negative prompt's, or
-    (None, None) for a model without text."""
+    (None, None) for a model without text; warns when the encoder cuts a prompt short."""
     from scripts.runtime.export import load_export_text_encoder
 
     if not meta["unet_config"].text_dim or not any(texts):
         return None, None
     encoder = load_export_text_encoder(Path(folder), meta)
+    warning = encoder.truncation_warning([t for t in texts if t] + [cfg.negative_prompt or ""], "prompts",
+                                         "the model's text.max_length",
+                                         "shorten them: the model was trained with this length")
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
     negative = encoder.encode([cfg.negative_prompt]) if cfg.negative_prompt else None
     return encoder.encode([t or "" for t in texts]), negative
+
+
+def _method(cfg: SampleConfig, unet_cfg) -> str:
+    """--method, with auto: condition when the model was trained with frame conditioning."""
+    return cfg.method if cfg.method != "auto" else ("condition" if unet_cfg.frame_conditioning else "reconstruction")
 
 
 def _labels_for(meta: dict, made: Made) -> list[int] | None:
@@ -274,24 +285,15 @@ def base_stage(cfg: SampleConfig, args, device) -> Made:
     labels = resolve_labels(cfg, names)
     prompts = read_prompts(cfg, args.prompt, bool(unet_cfg.text_dim))
     texts = [prompts[i % len(prompts)] for i in range(cfg.num_samples)] if prompts else [None] * cfg.num_samples
-    if prompts:
-        from scripts.runtime.export import load_export_text_encoder
-
-        warning = load_export_text_encoder(Path(cfg.checkpoint), meta).truncation_warning(
-            prompts + [cfg.negative_prompt or ""], "prompts", "the model's text.max_length",
-            "shorten them: the model was trained with this length")
-        if warning:
-            print(f"warning: {warning}", file=sys.stderr, flush=True)
     text, negative = _encode_prompts(cfg, cfg.checkpoint, meta, texts)
-    vae, _ = find_autoencoder(cfg, meta)
+    vae, _ = find_autoencoder(cfg, meta)  # checked before sampling; decoding reuses it (Made.vae)
     window = lat.get("clip_len") or 16
     chain_interp = cfg.interpolate and not cfg.init_video and not files
     if cfg.interpolate and cfg.interpolate < 1:
         raise ConfigError(f"--interpolate must be >= 1, got {cfg.interpolate}")
     made = Made(latents=None, meta=meta, stats=lat.get("stats"), fps=lat.get("fps") or 8.0, labels=labels,
-                names=list(names), texts=texts, sources=[None] * cfg.num_samples)
+                names=list(names), texts=texts, sources=[None] * cfg.num_samples, vae=vae)
     known, frames = None, cfg.frames or window
-    method = cfg.method if cfg.method != "auto" else ("condition" if unet_cfg.frame_conditioning else "reconstruction")
     interp_here = cfg.interpolate and not chain_interp
     if interp_here:
         known, fps_in = interpolation_input(cfg, vae, meta, device, files)
@@ -304,7 +306,7 @@ def base_stage(cfg: SampleConfig, args, device) -> Made:
     made.latents = generate(model, unet_cfg, diff_cfg, num=cfg.num_samples, frames=frames, latent_shape=lat["shape"],
                             labels=labels, guidance_scale=cfg.guidance_scale, sampler=cfg.sampler, steps=cfg.steps,
                             eta=cfg.eta, seed=cfg.seed, batch_size=cfg.batch_size, window=window,
-                            overlap=cfg.overlap or None, known=known, method=method,
+                            overlap=cfg.overlap or None, known=known, method=_method(cfg, unet_cfg),
                             guidance_weight=cfg.guidance_weight, device=device, progress=True, text=text,
                             negative_text=negative, interpolate=cfg.interpolate if interp_here else 0)
     stage = {"stage": "interpolate" if interp_here else "base", "export": str(Path(cfg.checkpoint).resolve()),
@@ -313,17 +315,19 @@ def base_stage(cfg: SampleConfig, args, device) -> Made:
         stage["factor"] = cfg.interpolate
     made.cascade.append(stage)
     if chain_interp:
-        made = interpolate_stage(cfg, made, device)
+        made = interpolate_stage(cfg, made, device, model)
     return made
 
 
-def interpolate_stage(cfg: SampleConfig, made: Made, device) -> Made:
-    """The chain's temporal interpolation of what the base stage sampled, by --interpolator."""
+def interpolate_stage(cfg: SampleConfig, made: Made, device, base_model) -> Made:
+    """The chain's temporal interpolation of what the base stage sampled, by --interpolator (or by
+    the base model itself, `base_model`)."""
     from scripts.runtime.export import load_diffusion_export
     from scripts.runtime.generation import generate
 
     path = cfg.interpolator or cfg.checkpoint
-    model, meta = load_diffusion_export(Path(path), map_location=device)
+    model, meta = (load_diffusion_export(Path(path), map_location=device) if cfg.interpolator
+                   else (base_model, made.meta))
     unet_cfg, diff_cfg, lat = meta["unet_config"], meta["diffusion_config"], meta["latent"]
     if meta.get("super_resolution") or list(lat["shape"]) != list(made.meta["latent"]["shape"]):
         raise ConfigError(f"--interpolator {path}: works on latents {lat['shape']}, the base stage made "
@@ -332,11 +336,11 @@ def interpolate_stage(cfg: SampleConfig, made: Made, device) -> Made:
         raise ConfigError(f"--interpolator {path}: trained with another autoencoder than --checkpoint")
     text, negative = _encode_prompts(cfg, path, meta, made.texts)
     known = _rewhiten(made, lat.get("stats"))
-    method = cfg.method if cfg.method != "auto" else ("condition" if unet_cfg.frame_conditioning else "reconstruction")
     out = generate(model, unet_cfg, diff_cfg, num=known.shape[0], frames=known.shape[2] * cfg.interpolate,
                    latent_shape=lat["shape"], labels=_labels_for(meta, made), guidance_scale=cfg.guidance_scale,
                    sampler=cfg.sampler, steps=cfg.steps, eta=cfg.eta, seed=cfg.seed + 1, batch_size=cfg.batch_size,
-                   window=lat.get("clip_len") or 16, overlap=cfg.overlap or None, known=known, method=method,
+                   window=lat.get("clip_len") or 16, overlap=cfg.overlap or None, known=known,
+                   method=_method(cfg, unet_cfg),
                    guidance_weight=cfg.guidance_weight, device=device, progress=True, text=text, negative_text=negative,
                    interpolate=cfg.interpolate)
     made = replace(made, latents=out, meta=meta, stats=lat.get("stats"), fps=made.fps * cfg.interpolate,
@@ -357,14 +361,13 @@ def sr_inputs(cfg: SampleConfig, meta: dict, device) -> Made:
     if bool(cfg.latents) == bool(cfg.init_video):
         raise ConfigError("--upsample without --checkpoint needs one input: --latents FILE_OR_DIR or --init-video FILE")
     if cfg.latents:
-        files = latent_inputs(cfg.latents, sr["low_res_shape"], _ae_hash(meta))
-        stats = [info.get("stats") for _, _, info in files]
-        made = Made(latents=torch.stack([z for _, z, _ in files]), meta=meta, stats=None,
-                    fps=float(files[0][2].get("fps") or 8.0), sources=[str(f) for f, _, _ in files],
-                    texts=[info.get("prompt") for _, _, info in files])
         from data.stats import un_whiten
 
-        made.latents = torch.stack([un_whiten(z.float(), st) for z, st in zip(made.latents, stats)])
+        files = latent_inputs(cfg.latents, sr["low_res_shape"], _ae_hash(meta))
+        # each file un-whitened with its own stats (stats=None: the latents are raw)
+        made = Made(latents=torch.stack([un_whiten(z.float(), info.get("stats")) for _, z, info in files]),
+                    meta=meta, stats=None, fps=float(files[0][2].get("fps") or 8.0),
+                    sources=[str(f) for f, _, _ in files], texts=[info.get("prompt") for _, _, info in files])
         labels = [info.get("label") for _, _, info in files]
         if all(isinstance(v, int) for v in labels) and meta["unet_config"].num_classes:
             made.labels, made.names = labels, list(meta.get("class_names") or [])
@@ -377,7 +380,7 @@ def sr_inputs(cfg: SampleConfig, meta: dict, device) -> Made:
     video = to_tensor(resize_and_crop(frames, size))[None].to(device)
     mean, _ = encode_video(vae.to(device), video, chunk_size=8)
     return Made(latents=mean.cpu(), meta=meta, stats=None, fps=float(video_info(cfg.init_video)["fps"]),
-                sources=[cfg.init_video], texts=[None])
+                sources=[cfg.init_video], texts=[None], vae=vae)
 
 
 def upsample_stage(cfg: SampleConfig, made: Made | None, device) -> Made:
@@ -391,7 +394,6 @@ def upsample_stage(cfg: SampleConfig, made: Made | None, device) -> Made:
         raise ConfigError(f"--upsample {cfg.upsample}: not a super-resolution stage (trained without sr.low_res_shards)")
     if made is None:
         made = sr_inputs(cfg, meta, device)
-        made.texts = made.texts or [None] * len(made.latents)
     elif list(made.meta["latent"]["shape"]) != list(sr["low_res_shape"]):
         raise ConfigError(f"--upsample {cfg.upsample}: takes latents {sr['low_res_shape']}, the stage before made "
                           f"{made.meta['latent']['shape']}")
@@ -443,15 +445,14 @@ def run(args) -> list[Path]:
     made = base_stage(cfg, args, device) if cfg.checkpoint else None
     if cfg.upsample:
         made = upsample_stage(cfg, made, device)
-    meta, n = made.meta, len(made.latents)
-    vae, _ = find_autoencoder(cfg, meta)
+    meta = made.meta
+    vae = made.vae if made.vae is not None else find_autoencoder(cfg, meta)[0]  # one autoencoder for all stages
     written = []
-    for i in range(n):
+    for i in range(len(made.latents)):
         label = made.labels[i] if made.labels else None
-        text = made.texts[i] if i < len(made.texts) else None
+        text, src = made.texts[i], made.sources[i]
         name = (f"sample-{i:03d}" + (f"-{made.names[label]}" if label is not None and made.names else "")
                 + (f"-{slug(text)}" if text else ""))
-        src = made.sources[i] if i < len(made.sources) else None
         info = {"stats": made.stats, "autoencoder_sha256": _ae_hash(meta), "fps": made.fps, "label": label,
                 "label_name": made.names[label] if label is not None and made.names else None,
                 "frames": made.latents.shape[2], "known_frames": made.known_frames,

@@ -122,7 +122,7 @@ def resolve_model_config(cfg: DiffusionRunConfig, manifest: dict, text_encoder=N
         raise ConfigError(f"eval.num_samples is {cfg.eval.num_samples}; the Fréchet distance needs at least 2")
     if cfg.sr.low_res_shards and (cfg.sample.every or cfg.eval.every):
         raise ConfigError("sample.every / eval.every sample a base model; a super-resolution stage (sr.low_res_shards) "
-                          "is measured by scripts.benchmark --only sr: set them to 0")
+                          "is measured by scripts.cascade's evaluation: set them to 0")
     if not 0 < cfg.sr.aug_max <= 1 or not 0 <= cfg.sr.sample_aug <= 1:
         raise ConfigError(f"sr.aug_max must be in (0, 1] and sr.sample_aug in [0, 1] (fractions of the schedule), "
                           f"got {cfg.sr.aug_max} and {cfg.sr.sample_aug}")
@@ -228,12 +228,8 @@ def train(args) -> None:
     ema, guard = rt.EMA(raw, tc.ema_decay), rt.NonFiniteGuard(tc.max_nonfinite)
     full_ema: dict = {}  # train.fsdp: the gathered averages, for the main process's jobs
 
-    def averaged():
-        if not tc.fsdp:
-            return ema.averaged_model(raw)
-        plain = UNet3D(cfg.model)
-        plain.load_state_dict({k: v.to(plain.state_dict()[k].dtype) for k, v in full_ema.items()})
-        return plain.eval()
+    def averaged():  # a plain UNet3D with the averaged weights (sharded: from the gathered copy)
+        return ema.copy_to(UNet3D(cfg.model), full_ema).eval() if tc.fsdp else ema.averaged_model(raw)
     batches = make_batches(cfg, acc.process_index, acc.num_processes, expected_autoencoder(cfg))
     debug = rt.DebugLogs(out, acc.process_index)
     fps = None  # the training clips' frame rate, recorded in the export
@@ -280,7 +276,7 @@ def train(args) -> None:
                 configs={"model_config": cfg.model.to_dict(), "diffusion_config": cfg.diffusion.to_dict(),
                          **({"text_encoder": text_encoder.fingerprint()} if text_encoder else {})},
                 periodic=[Periodic(cfg.sample.every, samples), Periodic(cfg.eval.every, evaluate)], logs=[debug.hashes, debug.keys],
-                gather=(lambda: full_ema.update(ema.full_state_dict())) if tc.fsdp else None, sharded=tc.fsdp)
+                gather=(lambda: full_ema.update(ema.full_state_dict(keep=acc.is_main_process))) if tc.fsdp else None)
     run_training(acc, task, cfg, out)
 
 
@@ -299,13 +295,15 @@ def train_step(acc, model, diffusion, opt, sched, guard, cfg, vb, ib, step, text
     logs = {"samples": total}
     with acc.accumulate(model):
         if ib is not None:
-            img_kwargs = _conditions(ib, cfg, g, text, device)
+            # the frames are drawn before the conditions, as in runs from before the SR stage
             if low_res is None:
-                x_img = image_frames(ib["latent"], g).to(device)  # [B_img,C,1,h,w]
+                x_img, low_img = image_frames(ib["latent"], g), None
             else:
-                pairs = low_res.batch(ib["key"], "image" if ib["latent"].shape[2] == 1 else "video")
-                x_img, low_img = image_frames(ib["latent"], g, paired=pairs)
-                x_img = x_img.to(device)
+                kind = "image" if ib["latent"].shape[2] == 1 else "video"
+                x_img, low_img = image_frames(ib["latent"], g, paired=low_res.batch(ib["key"], kind))
+            x_img = x_img.to(device)  # [B_img,C,1,h,w]
+            img_kwargs = _conditions(ib, cfg, g, text, device)
+            if low_img is not None:
                 img_kwargs.update(_augmented(low_img, diffusion, cfg, g, device))
             with acc.no_sync(model), acc.autocast():
                 out = diffusion.training_losses(model, x_img, model_kwargs=img_kwargs, generator=g)

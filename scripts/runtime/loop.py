@@ -67,9 +67,8 @@ class Task:
     periodic: list[Periodic] = field(default_factory=list)
     logs: list[MetricsLog] = field(default_factory=list)  # more per-step logs, truncated on resume
     # train.fsdp: run on every process before main-process jobs (periodic, export), to gather the
-    # sharded state they read; the model and optimizers are then sharded (scripts/runtime/sharding.py)
+    # sharded state they read (the loop sees a sharded model itself: scripts/runtime/sharding.py)
     gather: Callable[[], None] | None = None
-    sharded: bool = False
 
 
 def run_training(acc, task: Task, cfg, out: Path) -> None:
@@ -150,7 +149,7 @@ def _memory_report(acc, task: Task, out: Path, training_peak: float) -> None:
                 for p in task.model.parameters())
     (out / f"memory-rank{acc.process_index}.json").write_text(json.dumps(
         {"peak_rss_training_mb": training_peak, "peak_rss_mb": _peak_rss_mb(), "parameter_mb": local / 2**20,
-         "sharded": task.sharded}))
+         "sharded": sharding.is_sharded(task.model)}))
 
 
 def _forever(batches: BatchSource) -> Iterator[Any]:
@@ -165,10 +164,11 @@ def _resume(acc, task: Task, ckpt: CheckpointManager) -> int:
         return 0
     tensors, objects, meta = ckpt.load(latest)
     check_same_configs(meta, task.configs, latest)
-    if bool(meta.get("fsdp")) != task.sharded:
+    sharded = sharding.is_sharded(task.model)
+    if bool(meta.get("fsdp")) != sharded:
         raise CheckpointError(f"{latest} was written with train.fsdp={str(bool(meta.get('fsdp'))).lower()}; "
                               "resume with the same setting (or use another --output-dir)")
-    if task.sharded:
+    if sharded:
         sharding.load_model_state(task.model, tensors["model"])
     else:
         task.model.load_state_dict(tensors["model"])
@@ -176,7 +176,7 @@ def _resume(acc, task: Task, ckpt: CheckpointManager) -> int:
         module.load_state_dict(tensors[name])
     task.ema.load_state_dict(tensors["ema"], meta["ema_updates"])
     for name, obj in task.optimizers.items():
-        if task.sharded:
+        if sharded:
             sharding.load_optimizer_state(task.model, obj, objects[name])
         else:
             obj.load_state_dict(objects[name])
@@ -195,18 +195,19 @@ def _resume(acc, task: Task, ckpt: CheckpointManager) -> int:
 
 def _save(acc, task: Task, ckpt: CheckpointManager, step: int) -> None:
     """Every process calls it (sharded state is gathered with collectives); the main one writes."""
-    objects = {name: (sharding.optimizer_state(task.model, obj) if task.sharded else obj.state_dict())
+    sharded = sharding.is_sharded(task.model)
+    objects = {name: (sharding.optimizer_state(task.model, obj) if sharded else obj.state_dict())
                for name, obj in task.optimizers.items()}
     objects.update({name: obj.state_dict() for name, obj in task.schedulers.items()})
     if acc.scaler is not None:
         objects["scaler"] = acc.scaler.state_dict()
     tensors = {"model": task.model.state_dict(), **{n: m.state_dict() for n, m in task.modules.items()},
                "ema": task.ema.state_dict()}
-    if task.sharded:
+    if sharded:
         tensors = {name: sharding.full_tensors(state, keep=acc.is_main_process) for name, state in tensors.items()}
     meta = {"data": task.batches.state_dict(), "guard": task.guard.state_dict(), "ema_updates": task.ema.num_updates,
             **task.configs, **{name: obj.state_dict() for name, obj in task.state.items()},
-            **({"fsdp": True} if task.sharded else {})}
+            **({"fsdp": True} if sharded else {})}
     ckpt.save(step, tensors=tensors, objects=objects, meta=meta)
 
 

@@ -76,9 +76,8 @@ def optimizer_state(model: nn.Module, optimizer) -> dict:
     full tensors land on global rank 0 only (the writer), the others get an empty dict."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    state = get_optimizer_state_dict(model, _inner(optimizer),
-                                     options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return _to_cpu(state)
+    return get_optimizer_state_dict(model, _inner(optimizer),
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def load_optimizer_state(model: nn.Module, optimizer, state: dict) -> None:
@@ -97,12 +96,3 @@ def load_model_state(model: nn.Module, state: dict) -> None:
 def _inner(optimizer):
     return getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
 
-
-def _to_cpu(obj):
-    if torch.is_tensor(obj):
-        return obj.detach().cpu()
-    if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_cpu(v) for v in obj)
-    return obj

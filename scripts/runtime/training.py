@@ -146,15 +146,18 @@ class EMA:
                        for k, v in state.items()}
         self.num_updates = num_updates
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The averages as full CPU tensors (a collective under train.fsdp: every process calls it)."""
+    def full_state_dict(self, keep: bool = True) -> dict[str, torch.Tensor]:
+        """The averages as full CPU tensors (a collective under train.fsdp: every process calls it;
+        keep=False gathers without keeping them, for the processes that do not use them)."""
         from scripts.runtime.sharding import full_tensors
 
-        return full_tensors(self.shadow)
+        return full_tensors(self.shadow, keep=keep)
 
-    def copy_to(self, model: nn.Module) -> nn.Module:
+    def copy_to(self, model: nn.Module, state: dict[str, torch.Tensor] | None = None) -> nn.Module:
+        """Load the averages (or `state`, such as `full_state_dict()`) into `model`, in its dtypes."""
+        state = self.shadow if state is None else state
         sd = model.state_dict()
-        model.load_state_dict({k: self.shadow[k].to(sd[k].dtype) for k in sd})
+        model.load_state_dict({k: state[k].to(sd[k].dtype) for k in sd})
         return model
 
     def averaged_model(self, model: nn.Module) -> nn.Module:
