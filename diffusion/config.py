@@ -18,6 +18,10 @@ class UNetConfig:
     # levels that get temporal attention; None: the same as attention_levels. Temporal attention is
     # cheap at any level (T tokens per pixel); spatial attention at a fine level is not.
     temporal_attention_levels: tuple[int, ...] | None = None
+    # attention levels whose spatial + temporal attention pair is one joint space-time attention over
+    # all T*H*W positions of a clip (layers.SpaceTimeAttention); a subset of attention_levels. ()
+    # keeps the model factorized (Ho et al.). Costs (T*H*W)^2 per clip: for the coarse levels
+    joint_attention_levels: tuple[int, ...] = ()
     head_dim: int = 32
     norm_groups: int = 32
     dropout: float = 0.0
@@ -43,6 +47,10 @@ class UNetConfig:
             del d["text_dim"]  # a model without text: config.json as before the key existed
         if not self.low_res_channels:
             del d["low_res_channels"]  # not a super-resolution stage: as before the key existed
+        if self.joint_attention_levels:
+            d["joint_attention_levels"] = list(self.joint_attention_levels)
+        else:
+            del d["joint_attention_levels"]  # factorized: config.json as before the key existed
         if self.temporal_attention_levels is None:
             del d["temporal_attention_levels"]  # as before the key existed: old checkpoints still match
         else:

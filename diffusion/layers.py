@@ -137,6 +137,13 @@ class CrossAttention(nn.Module):
         return x + rearrange(h, "bt (h w) c -> bt c h w", h=height)
 
 
+def relative_position_bias(table: torch.Tensor, num_frames: int, max_relative_position: int, device) -> torch.Tensor:
+    """table [heads, 2R+1] -> additive bias [heads, T, T] whose entry (i, j) is table[:, clamp(j - i, -R, R)]."""
+    pos = torch.arange(num_frames, device=device)
+    rel = (pos[None, :] - pos[:, None]).clamp(-max_relative_position, max_relative_position)
+    return table[:, rel + max_relative_position]
+
+
 class TemporalAttention(nn.Module):
     """Pre-norm multi-head self-attention over the T frames at each pixel, with a learned relative
     position bias per head indexed by clamp(j - i, -R, R) (T5 / Ho et al. 2022), so it carries no
@@ -154,9 +161,7 @@ class TemporalAttention(nn.Module):
 
     def position_bias(self, num_frames: int, device) -> torch.Tensor:
         """Additive attention bias [heads, T, T]: entry (i, j) = bias[clamp(j - i, -R, R)]."""
-        pos = torch.arange(num_frames, device=device)
-        rel = (pos[None, :] - pos[:, None]).clamp(-self.max_relative_position, self.max_relative_position)
-        return self.relative_bias[:, rel + self.max_relative_position]
+        return relative_position_bias(self.relative_bias, num_frames, self.max_relative_position, device)
 
     def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
         if num_frames == 1:
@@ -168,6 +173,40 @@ class TemporalAttention(nn.Module):
         h = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # [(B H W), heads, T, d]
         h = self.out_proj(rearrange(h, "n h t d -> n t (h d)"))
         return x + rearrange(h, "(b h w) t c -> (b t) c h w", h=height, w=width)
+
+
+class SpaceTimeAttention(nn.Module):
+    """Pre-norm multi-head self-attention over all T*H*W positions of a clip at once (joint
+    space-time attention), replacing a level's spatial + temporal attention pair: an object at one
+    place in frame t attends directly to where it is in frame t', which the factorized pair reaches
+    only in two hops (across the frame, then along the pixel's own frames). The learned relative
+    frame-position bias of TemporalAttention is shared by every pair of pixels of two frames, so it
+    runs at other clip lengths. At T = 1 it is exactly spatial attention (no bias: a constant over
+    the keys changes nothing), so images train the same weights. Out-projection zero-initialised.
+    Cost per clip (T*H*W)^2 instead of T*(H*W)^2: meant for the coarse levels."""
+
+    def __init__(self, channels: int, head_dim: int, groups: int, max_relative_position: int):
+        super().__init__()
+        self.heads = num_heads_for(channels, head_dim)
+        self.max_relative_position = max_relative_position
+        self.norm = group_norm(channels, groups)
+        self.qkv = nn.Linear(channels, 3 * channels)
+        # "temporal" in the name: images (T = 1) give it no gradient, like the temporal layers
+        self.temporal_bias = nn.Parameter(torch.zeros(self.heads, 2 * max_relative_position + 1))
+        self.out_proj = zero_module(nn.Linear(channels, channels))
+
+    def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
+        height, width = x.shape[-2:]
+        h = rearrange(self.norm(x), "(b t) c h w -> b (t h w) c", t=num_frames)  # [B, T*H*W, C]
+        q, k, v = rearrange(self.qkv(h), "n l (k h d) -> k n h l d", k=3, h=self.heads)
+        bias = None
+        if num_frames > 1:
+            frames = relative_position_bias(self.temporal_bias, num_frames, self.max_relative_position, x.device)
+            hw = height * width  # [heads, T, T] -> [heads, T*H*W, T*H*W], constant within a frame pair
+            bias = frames.repeat_interleave(hw, dim=1).repeat_interleave(hw, dim=2).to(q.dtype)
+        h = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # [B, heads, T*H*W, d]
+        h = self.out_proj(rearrange(h, "n h l d -> n l (h d)"))
+        return x + rearrange(h, "b (t h w) c -> (b t) c h w", t=num_frames, h=height, w=width)
 
 
 class Downsample(nn.Module):

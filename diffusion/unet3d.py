@@ -15,6 +15,7 @@ from diffusion.layers import (
     CrossAttention,
     Downsample,
     ResBlock,
+    SpaceTimeAttention,
     SpatialAttention,
     TemporalAttention,
     Upsample,
@@ -32,20 +33,25 @@ class UNetBlock(nn.Module):
     (when the model has text) and temporal attention."""
 
     def __init__(self, in_ch: int, out_ch: int, emb_dim: int, config: UNetConfig, attention: bool,
-                 temporal: bool | None = None):
+                 temporal: bool | None = None, joint: bool = False):
         super().__init__()
         c = config
         self.res = ResBlock(
             in_ch, out_ch, emb_dim, groups=c.norm_groups, dropout=c.dropout, temporal_conv=c.temporal_conv
         )
-        self.spatial_attn = SpatialAttention(out_ch, c.head_dim, c.norm_groups) if attention else None
+        joint = joint and attention
+        # joint: one space-time attention in place of the spatial + temporal pair (SpaceTimeAttention)
+        self.joint_attn = SpaceTimeAttention(out_ch, c.head_dim, c.norm_groups, c.max_relative_position) if joint else None
+        self.spatial_attn = SpatialAttention(out_ch, c.head_dim, c.norm_groups) if attention and not joint else None
         self.cross_attn = CrossAttention(out_ch, c.text_dim, c.head_dim, c.norm_groups) if attention and c.text_dim else None
         self.temporal_attn = None
-        if (attention if temporal is None else temporal) and c.temporal_attention:
+        if (attention if temporal is None else temporal) and c.temporal_attention and not joint:
             self.temporal_attn = TemporalAttention(out_ch, c.head_dim, c.norm_groups, c.max_relative_position)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor, num_frames: int, text=None, text_mask=None) -> torch.Tensor:
         x = self.res(x, emb, num_frames)
+        if self.joint_attn is not None:
+            x = self.joint_attn(x, num_frames)
         if self.spatial_attn is not None:
             x = self.spatial_attn(x, num_frames)
         if self.cross_attn is not None:
@@ -92,10 +98,14 @@ class UNet3D(nn.Module):
         ch, skips = base, [base]
         self.down = nn.ModuleList()
         temporal = c.attention_levels if c.temporal_attention_levels is None else c.temporal_attention_levels
+        joint = set(c.joint_attention_levels)
+        if not joint <= set(c.attention_levels):
+            raise ValueError(f"joint_attention_levels {sorted(joint)} must be a subset of attention_levels "
+                             f"{list(c.attention_levels)} (joint attention replaces a level's spatial + temporal pair)")
         for level, mult in enumerate(c.channel_mult):
             for _ in range(c.num_res_blocks):
                 self.down.append(UNetBlock(ch, mult * base, emb_dim, c, level in c.attention_levels,
-                                           level in temporal))
+                                           level in temporal, joint=level in joint))
                 ch = mult * base
                 skips.append(ch)
             if level < len(c.channel_mult) - 1:
@@ -103,7 +113,8 @@ class UNet3D(nn.Module):
                 skips.append(ch)
 
         self.middle = nn.ModuleList(
-            [UNetBlock(ch, ch, emb_dim, c, attention=True), UNetBlock(ch, ch, emb_dim, c, attention=False)]
+            [UNetBlock(ch, ch, emb_dim, c, attention=True, joint=len(c.channel_mult) - 1 in joint),
+             UNetBlock(ch, ch, emb_dim, c, attention=False)]
         )
 
         self.up = nn.ModuleList()
@@ -111,7 +122,7 @@ class UNet3D(nn.Module):
             for i in range(c.num_res_blocks + 1):
                 self.up.append(
                     UNetBlock(ch + skips.pop(), mult * base, emb_dim, c, level in c.attention_levels,
-                              level in temporal)
+                              level in temporal, joint=level in joint)
                 )
                 ch = mult * base
                 if level > 0 and i == c.num_res_blocks:

@@ -69,6 +69,9 @@ def parse_args(argv):
                    help="with --text: a class-conditional quality run folder; its model is sampled on the same "
                    "prompts' shapes and scored the same way")
     p.add_argument("--quick", action="store_true", help="tiny budgets and data (seconds to minutes; for tests)")
+    p.add_argument("--until", choices=("vae", "encode", "diffusion", "sample"), default=None,
+                   help="stop after this stage; before 'sample' only stage 1 is scored (the stage-1 figures and the "
+                   "data / shuffled / reconstruction rows, no goals): checks a stage-1 change in minutes")
     p.add_argument("--fresh", action="store_true", help="ignore finished stages in --output-dir")
     p.add_argument("--output", type=Path, default=None, help="also write the JSON lines to this file")
     args = p.parse_args(argv)
@@ -127,6 +130,18 @@ def training_captions(data: Path) -> dict[str, str]:
     return {r: found.of(r)[0] for r in rels if found.of(r)}
 
 
+def _clip_len(args) -> int:
+    """encode.clip_len of the benchmark's encoding (its config, then --encode-set overrides)."""
+    import yaml
+
+    length = yaml.safe_load(Path(args.encode_config).read_text())["encode"]["clip_len"]
+    for item in args.encode_set:
+        key, _, value = item.partition("=")
+        if key.strip() == "encode.clip_len":
+            length = value
+    return int(length)
+
+
 def _read_videos(paths, frames: int) -> list[np.ndarray]:
     from data.video_io import read_video
 
@@ -144,11 +159,13 @@ def evaluate(args, out: Path) -> dict:
     from data.synthetic import shuffled_frames, video_quality
     from data.transforms import to_tensor, to_uint8
 
-    sample_paths = sorted((out / "samples").glob("*.mp4"))
+    sampled = "sample" in args.stages_run
+    sample_paths = sorted((out / "samples").glob("*.mp4")) if sampled else []
     samples = _read_videos(sample_paths, 10**6)
-    if not samples:
+    if sampled and not samples:
         raise SystemExit(f"[quality] no sample videos in {out / 'samples'}")
-    length = min(len(v) for v in samples)
+    # without samples (--until before 'sample'): as many frames as the clips stage 2 trains on
+    length = min(len(v) for v in samples) if samples else _clip_len(args)
     train = _read_videos(spread(sorted((out / "data").rglob("*.mp4")), 120), length)
     heldout = _read_videos(sorted((out / "heldout").rglob("*.mp4")), length)
 
@@ -168,11 +185,13 @@ def evaluate(args, out: Path) -> dict:
         "data": video_quality(heldout, train, size=args.size),
         "shuffled": video_quality(shuffled_frames(heldout), train, size=args.size),
         "stage1_recon": video_quality(recons, train, size=args.size),
-        "samples": video_quality([v[:length] for v in samples], train, size=args.size),
     }
-    goals = {name: {"goal": text, "pass": bool(check(rows["samples"], rows["data"]))}
-             for name, (text, check) in GOALS.items()}
-    report = {"stage1": stage1, "video_quality": rows, "goals": goals, "frames_scored": length}
+    report = {"stage1": stage1, "video_quality": rows, "frames_scored": length}
+    if not sampled:
+        return report
+    rows["samples"] = video_quality([v[:length] for v in samples], train, size=args.size)
+    report["goals"] = {name: {"goal": text, "pass": bool(check(rows["samples"], rows["data"]))}
+                       for name, (text, check) in GOALS.items()}
     if args.text:
         report["prompt_adherence"] = adherence(args, out, sample_paths, length)
     return report
@@ -278,13 +297,18 @@ def main(argv=None) -> int:
     }
     if args.text:
         add_text_stages(args, out, plan)
+    if args.until is not None:
+        names = list(plan)
+        for name in names[names.index(args.until) + 1:]:
+            del plan[name]
     seconds = {name: run_stage(out, name, fn, args.fresh, tag="quality") for name, fn in plan.items()}
+    args.stages_run = list(plan)
     report = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
               "seconds": {**seconds, "total_training_and_sampling": sum(seconds.values())}, **evaluate(args, out)}
     (out / "report.json").write_text(json.dumps(report, indent=2))
     lines = [{"bench": "quality", "part": "stage1", **report["stage1"]}]
     lines += [{"bench": "quality", "part": name, **row} for name, row in report["video_quality"].items()]
-    lines += [{"bench": "quality", "part": "goal", "name": k, **v} for k, v in report["goals"].items()]
+    lines += [{"bench": "quality", "part": "goal", "name": k, **v} for k, v in report.get("goals", {}).items()]
     lines += [{"bench": "quality", "part": "prompt_adherence", "of": k, **v}
               for k, v in report.get("prompt_adherence", {}).items()]
     lines.append({"bench": "quality", "part": "seconds", **report["seconds"]})

@@ -149,3 +149,18 @@ def test_the_reference_unet_attends_at_our_levels():
         assert {levels - 1 - i for i, b in enumerate(up) if b.startswith("CrossAttn")} == set(c["attention_levels"])
     assert unet_block_types(4, (2, 3)) == (("DownBlock3D", "DownBlock3D", "CrossAttnDownBlock3D", "CrossAttnDownBlock3D"),
                                            ("CrossAttnUpBlock3D", "CrossAttnUpBlock3D", "UpBlock3D", "UpBlock3D"))
+
+
+def test_quality_until_vae_scores_stage_one_only(tmp_path, capsys):
+    """--until vae: data and stage 1 only (no encoding, no U-Net), scored on what stage 1 decides:
+    the colour figures and the data / shuffled / reconstruction rows; no samples, no goals."""
+    from scripts import quality
+
+    out = tmp_path / "q"
+    assert quality.main(["--quick", "--until", "vae", "--output-dir", str(out)]) == 0
+    parts = [json.loads(x)["part"] for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    assert parts == ["stage1", "data", "shuffled", "stage1_recon", "seconds"]
+    report = json.loads((out / "report.json").read_text())
+    assert "goals" not in report and set(report["video_quality"]) == {"data", "shuffled", "stage1_recon"}
+    assert report["frames_scored"] == 8 and math.isfinite(report["stage1"]["delta_e"])
+    assert (out / ".done-vae").exists() and not (out / ".done-encode").exists() and not (out / "shards").exists()

@@ -255,3 +255,102 @@ def test_temporal_attention_levels_apart_from_spatial():
     with torch.no_grad():  # clips and images (T = 1 skips every temporal layer) both run
         assert apart(torch.randn(2, 4, 5, 8, 8), torch.tensor([10, 500])).shape == (2, 4, 5, 8, 8)
         assert apart(torch.randn(2, 4, 1, 8, 8), torch.tensor([10, 500])).shape == (2, 4, 1, 8, 8)
+
+
+def _attention_weights(src, dst) -> None:
+    """Copy norm / qkv / out_proj from one attention layer to another."""
+    dst.norm.load_state_dict(src.norm.state_dict())
+    dst.qkv.load_state_dict(src.qkv.state_dict())
+    dst.out_proj.load_state_dict(src.out_proj.state_dict())
+
+
+def test_space_time_attention_against_a_hand_written_softmax():
+    """SpaceTimeAttention attends over every (frame, pixel) of a clip, with bias[clamp(t_j - t_i)]
+    added to every pair of pixels of frames t_i, t_j; checked against an explicit softmax."""
+    from diffusion.layers import SpaceTimeAttention
+
+    torch.manual_seed(0)
+    attn = randomize(SpaceTimeAttention(16, head_dim=8, groups=4, max_relative_position=2))
+    frames, size = 4, 3
+    x = torch.randn(2 * frames, 16, size, size)
+    with torch.no_grad():
+        out = attn(x, frames)
+        h = attn.norm(x).reshape(2, frames, 16, size * size).permute(0, 1, 3, 2).reshape(2, frames * size * size, 16)
+        q, k, v = attn.qkv(h).chunk(3, dim=-1)
+        heads = [slice(0, 8), slice(8, 16)]
+        t_of = torch.arange(frames).repeat_interleave(size * size)  # frame of each token
+        rel = (t_of[None, :] - t_of[:, None]).clamp(-2, 2) + 2
+        rows = []
+        for i, sl in enumerate(heads):
+            logits = q[..., sl] @ k[..., sl].transpose(1, 2) / 8**0.5 + attn.temporal_bias[i][rel]
+            rows.append(torch.softmax(logits, dim=-1) @ v[..., sl])
+        want = attn.out_proj(torch.cat(rows, dim=-1))  # [2, T*H*W, C]
+        want = want.reshape(2, frames, size * size, 16).permute(0, 1, 3, 2).reshape(2 * frames, 16, size, size)
+    assert torch.allclose(out, x + want, atol=1e-5)
+
+
+def test_space_time_attention_reduces_to_spatial_attention():
+    """At T = 1 joint attention is the spatial attention with the same weights (images train the same
+    layer); with a bias that forbids other frames it is spatial attention applied frame by frame."""
+    from diffusion.layers import SpaceTimeAttention, SpatialAttention
+
+    torch.manual_seed(0)
+    joint = randomize(SpaceTimeAttention(16, head_dim=8, groups=4, max_relative_position=3))
+    spatial = SpatialAttention(16, head_dim=8, groups=4)
+    _attention_weights(joint, spatial)
+    x = torch.randn(6, 16, 4, 4)
+    with torch.no_grad():
+        assert torch.allclose(joint(x, 1), spatial(x, 1), atol=1e-6)
+        joint.temporal_bias.fill_(-1e4)
+        joint.temporal_bias[:, 3] = 0.0  # relative position 0: the frame itself
+        assert torch.allclose(joint(x, 3), spatial(x, 3), atol=1e-5)
+        joint.temporal_bias.zero_()  # now frames see each other: the result changes
+        assert not torch.allclose(joint(x, 3), spatial(x, 3), atol=1e-3)
+
+
+def test_joint_attention_levels():
+    """joint_attention_levels swaps a level's spatial + temporal pair (and the middle block's, at the
+    coarsest level) for one SpaceTimeAttention; images give its frame bias no gradient; the key is
+    absent from the dict when unused; levels without attention are refused."""
+
+    def where(model, kind):
+        return {name.rsplit(".", 1)[0] for name, _ in model.named_modules() if name.endswith(kind)}
+
+    cfg = tiny_config(attention_levels=(0, 1), joint_attention_levels=(1,), frame_conditioning=True)
+    model = randomize(UNet3D(cfg)).train()
+    assert where(model, "joint_attn") == {"down.2", "middle.0", "up.0", "up.1"}
+    assert where(model, "spatial_attn") == where(model, "temporal_attn") == {"down.0", "up.3", "up.4"}
+    assert UNetConfig.from_dict(cfg.to_dict()) == cfg
+    assert "joint_attention_levels" not in tiny_config().to_dict()
+    grads = _grads(model, frames=1)
+    assert all(g is None or not g.any() for n, g in grads.items() if "temporal" in n)
+    assert grads["down.2.joint_attn.qkv.weight"].abs().sum() > 0  # images do train the joint attention
+    grads = _grads(model, frames=4)
+    assert grads["down.2.joint_attn.temporal_bias"].abs().sum() > 0
+    with pytest.raises(ValueError, match="subset of attention_levels"):
+        UNet3D(tiny_config(attention_levels=(1,), joint_attention_levels=(0,)))
+
+
+def test_joint_attention_links_a_pixel_to_other_places_in_other_frames_in_one_layer():
+    """What it is for: one joint attention layer carries a change at one pixel of frame 0 to other
+    pixels of frame 2; the factorized pair (spatial, then temporal attention) needs both layers, and
+    either alone cannot (spatial: stays in its frame; temporal: stays at its pixel)."""
+    from diffusion.layers import SpaceTimeAttention, SpatialAttention
+
+    torch.manual_seed(0)
+    joint = randomize(SpaceTimeAttention(16, head_dim=8, groups=16, max_relative_position=3))
+    spatial = randomize(SpatialAttention(16, head_dim=8, groups=16))
+    temporal = randomize(TemporalAttention(16, head_dim=8, groups=16, max_relative_position=3))
+    for layer in (joint, spatial, temporal):
+        layer.norm = torch.nn.Identity()  # GroupNorm's per-frame statistics would spread the change by themselves
+    x = torch.randn(3, 16, 4, 4)  # one clip of 3 frames
+    y = x.clone()
+    y[0, :, 0, 0] += 1.0  # frame 0, pixel (0, 0)
+
+    def reach(layer):
+        with torch.no_grad():
+            d = (layer(y, 3) - layer(x, 3)).abs()
+        return d[2, :, 3, 3].max().item()  # frame 2, pixel (3, 3)
+
+    assert reach(joint) > 1e-4
+    assert reach(spatial) < 1e-6 and reach(temporal) < 1e-6
