@@ -9,7 +9,8 @@ Stages (each leaves a `.done-<stage>` marker, so a rerun continues; --fresh star
 data (training videos, seed 0, and held-out videos, seed 1) -> vae (train_autoencoder) -> encode
 (encode_latents) -> diffusion (train_diffusion) -> sample (scripts.sample) -> evaluation.
 
-Evaluation, written to OUT/report.json and printed as JSON lines:
+Evaluation, written to OUT/report.json (OUT/report-until-STAGE.json with --until before 'sample')
+and printed as JSON lines:
 - stage 1 on held-out videos: PSNR, foreground PSNR, CIELAB ΔE, object colour error (data.colour);
 - `video_quality` (data.synthetic) of the samples, of the held-out data itself, of the held-out
   data with its frames shuffled (the data's frames with no motion) and of the stage-1
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data.files import atomic_write
 from scripts.runtime.stages import run_stage, spread
 
 GOALS = {  # name -> (description, check(samples, data))
@@ -307,7 +309,10 @@ def main(argv=None) -> int:
     args.stages_run = list(plan)
     report = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
               "seconds": {**seconds, "total_training_and_sampling": sum(seconds.values())}, **evaluate(args, out)}
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+    # a stage-1-only report (--until before 'sample') never replaces a whole run's report.json
+    report_path = out / ("report.json" if "sample" in args.stages_run else f"report-until-{args.until}.json")
+    with atomic_write(report_path) as tmp:
+        tmp.write_text(json.dumps(report, indent=2))
     lines = [{"bench": "quality", "part": "stage1", **report["stage1"]}]
     lines += [{"bench": "quality", "part": name, **row} for name, row in report["video_quality"].items()]
     lines += [{"bench": "quality", "part": "goal", "name": k, **v} for k, v in report.get("goals", {}).items()]
@@ -324,7 +329,7 @@ def main(argv=None) -> int:
     finally:
         if sink:
             sink.close()
-    print(f"[quality] report: {out / 'report.json'}")
+    print(f"[quality] report: {report_path}")
     return 0
 
 

@@ -160,7 +160,8 @@ def test_quality_until_vae_scores_stage_one_only(tmp_path, capsys):
     assert quality.main(["--quick", "--until", "vae", "--output-dir", str(out)]) == 0
     parts = [json.loads(x)["part"] for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
     assert parts == ["stage1", "data", "shuffled", "stage1_recon", "seconds"]
-    report = json.loads((out / "report.json").read_text())
+    assert not (out / "report.json").exists()  # a whole run's report is never replaced by a stage-1 one
+    report = json.loads((out / "report-until-vae.json").read_text())
     assert "goals" not in report and set(report["video_quality"]) == {"data", "shuffled", "stage1_recon"}
     assert report["frames_scored"] == 8 and math.isfinite(report["stage1"]["delta_e"])
     assert (out / ".done-vae").exists() and not (out / ".done-encode").exists() and not (out / "shards").exists()
