@@ -133,15 +133,11 @@ def training_captions(data: Path) -> dict[str, str]:
 
 
 def _clip_len(args) -> int:
-    """encode.clip_len of the benchmark's encoding (its config, then --encode-set overrides)."""
-    import yaml
+    """encode.clip_len of the benchmark's encoding (its config file and --encode-set overrides)."""
+    from scripts.encode_latents import EncodeRunConfig
+    from scripts.runtime.config import load_config
 
-    length = yaml.safe_load(Path(args.encode_config).read_text())["encode"]["clip_len"]
-    for item in args.encode_set:
-        key, _, value = item.partition("=")
-        if key.strip() == "encode.clip_len":
-            length = value
-    return int(length)
+    return load_config(EncodeRunConfig, args.encode_config, args.encode_set).encode.clip_len
 
 
 def _read_videos(paths, frames: int) -> list[np.ndarray]:
@@ -150,8 +146,8 @@ def _read_videos(paths, frames: int) -> list[np.ndarray]:
     return [read_video(p)[0][:frames] for p in paths]
 
 
-def evaluate(args, out: Path) -> dict:
-    """Score stage 1 and the samples (see the module docstring)."""
+def evaluate(args, out: Path, sampled: bool = True) -> dict:
+    """Score stage 1 and, when `sampled`, the samples (see the module docstring)."""
     import torch
 
     from autoencoder.metrics import psnr
@@ -161,7 +157,6 @@ def evaluate(args, out: Path) -> dict:
     from data.synthetic import shuffled_frames, video_quality
     from data.transforms import to_tensor, to_uint8
 
-    sampled = "sample" in args.stages_run
     sample_paths = sorted((out / "samples").glob("*.mp4")) if sampled else []
     samples = _read_videos(sample_paths, 10**6)
     if sampled and not samples:
@@ -306,11 +301,12 @@ def main(argv=None) -> int:
         for name in names[names.index(args.until) + 1:]:
             del plan[name]
     seconds = {name: run_stage(out, name, fn, args.fresh, tag="quality") for name, fn in plan.items()}
-    args.stages_run = list(plan)
+    sampled = "sample" in plan
     report = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-              "seconds": {**seconds, "total_training_and_sampling": sum(seconds.values())}, **evaluate(args, out)}
+              "seconds": {**seconds, "total_training_and_sampling": sum(seconds.values())},
+              **evaluate(args, out, sampled)}
     # a stage-1-only report (--until before 'sample') never replaces a whole run's report.json
-    report_path = out / ("report.json" if "sample" in args.stages_run else f"report-until-{args.until}.json")
+    report_path = out / ("report.json" if sampled else f"report-until-{args.until}.json")
     with atomic_write(report_path) as tmp:
         tmp.write_text(json.dumps(report, indent=2))
     lines = [{"bench": "quality", "part": "stage1", **report["stage1"]}]
