@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from scripts.runtime.cli import build_parser, resolve_config, run_main
-from scripts.runtime.config import ConfigError
+from scripts.runtime.config import ConfigError, save_config
 
 
 @dataclass
@@ -432,9 +432,10 @@ def run(args) -> list[Path]:
     from data.stats import un_whiten
     from scripts.runtime.generation import decode_to_uint8, save_latent_file, write_outputs
 
-    cfg = resolve_config(SampleConfig, args)
+    cfg = resolve_config(SampleConfig, args, write=False)
     if args.negative_prompt is not None:  # taken verbatim (not through YAML like other overrides)
         cfg = replace(cfg, negative_prompt=args.negative_prompt)
+    save_config(cfg, Path(args.output_dir) / "config.yaml")  # what ran, the negative prompt included
     if not cfg.checkpoint and not cfg.upsample:
         raise ConfigError("pass --checkpoint DIR (a diffusion export folder), or --upsample SR_EXPORT with "
                           "--latents / --init-video")

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from data.latents import make_latent_loader
 from diffusion.config import UNetConfig
@@ -178,6 +179,16 @@ def test_prompts_change_samples_and_same_prompt_and_seed_reproduce(text_run, tmp
     assert runs["a"][1]["prompt"] == "a red circle moves up"
     assert runs["a"][2] == "sample-000-a-red-circle-moves-up.safetensors"
     assert (tmp_path / "a" / "sample-000-a-red-circle-moves-up.mp4").is_file()
+    # a negative prompt replaces the null text in guidance: another sample, recorded where it ran
+    r = run_script("sample", *common, "--prompt", "a red circle moves up", "--negative-prompt", "a blue square",
+                   "--output-dir", tmp_path / "neg")
+    assert r.returncode == 0, r.stderr
+    (lat,) = (tmp_path / "neg").glob("*.safetensors")
+    with safe_open(str(lat), framework="pt") as f:
+        assert not torch.equal(f.get_tensor("latent"), runs["a"][0])
+        assert json.loads(f.metadata()["lvd"])["negative_prompt"] == "a blue square"
+    assert yaml.safe_load((tmp_path / "neg" / "config.yaml").read_text())["negative_prompt"] == "a blue square"
+    assert yaml.safe_load((tmp_path / "a" / "config.yaml").read_text())["negative_prompt"] == ""
     r = run_script("sample", *common, "--output-dir", tmp_path / "none")
     assert r.returncode != 0 and "text-conditioned" in r.stderr
 
