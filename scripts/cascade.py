@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data.files import write_json_atomic
 from scripts.runtime.stages import run_stage
 
 STAGES = ("data", "vae", "encode_high", "encode_low", "base", "sr", "sample")
@@ -112,7 +113,7 @@ def main(argv=None) -> int:
     rows = [(level, windows[0]) for level in levels] + [(0.0, w) for w in windows[1:]]
     report = {"seconds": times, "super_resolution": evaluate_sr(out, rows, args.sampler, args.sample_steps),
               "samples": [str(p) for p in sorted(samples.glob("*.mp4"))]}
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+    write_json_atomic(out / "report.json", report)  # a rerun never leaves half a report
     print(json.dumps(report, indent=2))
     print(f"[cascade] report: {out / 'report.json'}; videos: {samples}")
     return 0

@@ -14,6 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
+from data.files import write_json_atomic
 from scripts import report as report_page
 from scripts.quality import BUILTIN_TEXT_LENGTH, builtin_text_encoder, write_prompts
 from scripts.runtime.stages import run_stage, spread
@@ -115,7 +116,7 @@ def main(argv=None) -> int:
     diff_log = [r for r in _metrics(diff / "metrics.jsonl") if "loss" in r]
     if diff_log:
         report["diffusion_loss_first_last"] = [diff_log[0]["loss"], diff_log[-1]["loss"]]
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+    write_json_atomic(out / "report.json", report)  # a rerun never leaves half a report
     print(json.dumps(report, indent=2))
     print("\n[demo] videos:")
     for p in sorted(samples.glob("*.mp4")) + sorted(samples.glob("*.gif")) + sorted(samples.glob("*-strip.png")):

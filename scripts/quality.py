@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data.files import atomic_write
+from data.files import write_json_atomic
 from scripts.runtime.stages import run_stage, spread
 
 GOALS = {  # name -> (description, check(samples, data))
@@ -307,8 +307,7 @@ def main(argv=None) -> int:
               **evaluate(args, out, sampled)}
     # a stage-1-only report (--until before 'sample') never replaces a whole run's report.json
     report_path = out / ("report.json" if sampled else f"report-until-{args.until}.json")
-    with atomic_write(report_path) as tmp:
-        tmp.write_text(json.dumps(report, indent=2))
+    write_json_atomic(report_path, report)
     lines = [{"bench": "quality", "part": "stage1", **report["stage1"]}]
     lines += [{"bench": "quality", "part": name, **row} for name, row in report["video_quality"].items()]
     lines += [{"bench": "quality", "part": "goal", "name": k, **v} for k, v in report.get("goals", {}).items()]
