@@ -122,6 +122,10 @@ def test_quality_bench_runs_end_to_end_through_the_command_lines(tmp_path, capsy
     assert set(rows) == {"samples", "training_videos", "class_conditional_baseline"}
     assert rows["training_videos"]["videos"] == 12 and rows["training_videos"]["colour"] == 1.0
     assert rows["class_conditional_baseline"]["videos"] == 3
+    # one clip per video, the first (the one its caption describes): as many clips as videos
+    manifest = json.loads((text / "shards" / "manifest.json").read_text())
+    totals = manifest["totals"]
+    assert manifest["encoding"]["clips_per_video"] == "1" and totals["video_samples"] == totals["videos"] == 12
 
 
 def test_make_synthetic_radius(tmp_path):
