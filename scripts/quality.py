@@ -119,8 +119,9 @@ BUILTIN_TEXT_LENGTH = 48
 # The --text pipeline encodes one clip per video, its first: a caption names the direction of the
 # video's first move, true of the first 8-frame clip by construction but of the second clip's first
 # move in only half of the videos (the object has bounced). With both clips a third of the direction
-# labels were wrong; with the first only, direction on unseen prompts rose from 2% to 38% (README
-# "Text-to-video"). Later --encode-set overrides win.
+# labels were wrong. With the first only, and the quality config's video-only clips (the two changes
+# not measured apart), direction on unseen prompts rose from 2% to 38% (README "Text-to-video").
+# Later --encode-set overrides win.
 TEXT_CLIPS = ["encode.clips_per_video=1"]
 
 
