@@ -382,6 +382,18 @@ def describe_video(frames: np.ndarray, threshold: int = 40) -> dict:
     return {"colour": colour, "shape": shape, "direction": direction}
 
 
+def class_adherence(videos, class_names) -> dict:
+    """Share of videos whose object has the asked class's shape (`describe_video`'s majority vote;
+    class names from SYNTHETIC_CLASSES): how far a class-conditional model follows its label."""
+    asked = []
+    for name in class_names:
+        if name not in SYNTHETIC_CLASSES:
+            raise ValueError(f"class {name!r} is not one of the synthetic classes {SYNTHETIC_CLASSES}")
+        asked.append(SYNTHETIC_CLASSES.index(name))
+    hits = [describe_video(frames)["shape"] == a for frames, a in zip(videos, asked)]
+    return {"shape": float(np.mean(hits)) if hits else float("nan"), "videos": len(hits)}
+
+
 def prompt_adherence(videos, captions) -> dict:
     """Share of videos whose object has the asked colour, the asked shape, moves in the asked
     direction (the same one of the 8 sectors), and all three; `direction_near`: within one sector

@@ -97,6 +97,10 @@ def test_quality_bench_runs_end_to_end_through_the_command_lines(tmp_path, capsy
     assert rows["data"]["found_whole"] == 1.0 and rows["data"]["colour_match"] == 1.0
     assert rows["shuffled"]["smoothness"] > 2 * rows["data"]["smoothness"]
     assert math.isfinite(report["stage1"]["delta_e"]) and report["frames_scored"] == 8
+    # class-conditional: sampled without guidance by default, scored for the asked class's shape
+    assert report["settings"]["guidance_scale"] == 1.0
+    classes = report["class_adherence"]
+    assert classes["training_videos"] == {"shape": 1.0, "videos": 12} and classes["samples"]["videos"] == 3
     for stage in ("data", "vae", "encode", "diffusion", "sample"):
         assert (out / f".done-{stage}").exists()
     first = report["seconds"]
@@ -118,7 +122,9 @@ def test_quality_bench_runs_end_to_end_through_the_command_lines(tmp_path, capsy
     assert len(prompts) == 3 and not seen & set(prompts) and len(seen) == 12
     lat = sorted((text / "samples").glob("*.safetensors"))
     assert [load_latent_file(p)[1]["prompt"] for p in lat] == prompts
-    rows = json.loads((text / "report.json").read_text())["prompt_adherence"]
+    text_report = json.loads((text / "report.json").read_text())
+    assert text_report["settings"]["guidance_scale"] == 3.0 and "class_adherence" not in text_report
+    rows = text_report["prompt_adherence"]
     assert set(rows) == {"samples", "training_videos", "class_conditional_baseline"}
     assert rows["training_videos"]["videos"] == 12 and rows["training_videos"]["colour"] == 1.0
     assert rows["class_conditional_baseline"]["videos"] == 3

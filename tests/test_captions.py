@@ -98,6 +98,18 @@ def test_write_synthetic_writes_sidecars(tmp_path):
     assert cs.of("circle/video_00000.mp4") == (synthetic_caption(0, size=16),)
 
 
+def test_class_adherence_reads_the_real_shapes_and_catches_wrong_labels():
+    from data.synthetic import SMALL_RADIUS, SYNTHETIC_CLASSES, class_adherence
+
+    made = [make_synthetic_video(i, num_frames=4, size=64, seed=5, radius=SMALL_RADIUS) for i in range(30)]
+    vids, names = [v for v, _ in made], [SYNTHETIC_CLASSES[label] for _, label in made]
+    assert class_adherence(vids, names) == {"shape": 1.0, "videos": 30}
+    wrong = class_adherence(vids, names[1:] + names[:1])  # each video asked for its neighbour's class
+    assert wrong["shape"] < 0.2
+    with pytest.raises(ValueError, match="not one of the synthetic classes"):
+        class_adherence(vids[:1], ["dog"])
+
+
 def test_prompt_adherence_detector_reads_the_real_videos_and_catches_wrong_ones():
     from data.synthetic import SMALL_RADIUS, prompt_adherence
 
