@@ -219,20 +219,25 @@ def class_rows(out: Path, sample_paths, length: int) -> dict:
     """data.synthetic.class_adherence of the samples against the class each was asked for (its latent
     file's `label_name`) and of 120 training videos against their class folder (the detector's accuracy)."""
     from data.synthetic import SYNTHETIC_CLASSES, class_adherence
-    from scripts.runtime.generation import load_latent_file
 
-    asked = [load_latent_file(p.with_suffix(".safetensors"))[1].get("label_name") for p in sample_paths]
+    asked = [meta.get("label_name") for meta in _latent_meta(sample_paths)]
     data = spread(sorted((out / "data").rglob("*.mp4")), 120)
-    if not set(asked) | {p.parent.name for p in data} <= set(SYNTHETIC_CLASSES):
+    folders = [p.parent.name for p in data]
+    if not set(asked) | set(folders) <= set(SYNTHETIC_CLASSES):
         return {}  # sampled without labels, or classes other than the synthetic shapes: nothing to score
     return {"samples": class_adherence(_read_videos(sample_paths, length), asked),
-            "training_videos": class_adherence(_read_videos(data, length), [p.parent.name for p in data])}
+            "training_videos": class_adherence(_read_videos(data, length), folders)}
+
+
+def _latent_meta(paths) -> list[dict]:
+    """The metadata of each sample video's latent file (NAME.safetensors beside NAME.mp4)."""
+    from scripts.runtime.generation import load_latent_file
+
+    return [load_latent_file(p.with_suffix(".safetensors"))[1] for p in paths]
 
 
 def _prompts_of(paths) -> list[str]:
-    from scripts.runtime.generation import load_latent_file
-
-    return [load_latent_file(p.with_suffix(".safetensors"))[1]["prompt"] for p in paths]
+    return [meta["prompt"] for meta in _latent_meta(paths)]
 
 
 def adherence(args, out: Path, sample_paths, length: int) -> dict:
