@@ -255,7 +255,8 @@ def sample(
 
 
 def classifier_free_guidance(model: Model, scale: float, null_label: int | None = None,
-                             negative_text: tuple[torch.Tensor, torch.Tensor] | None = None) -> Model:
+                             negative_text: tuple[torch.Tensor, torch.Tensor] | None = None,
+                             interval: tuple[float, float] | None = None) -> Model:
     """Classifier-free guidance (Ho & Salimans 2022) on the raw output: uncond + scale (cond - uncond).
 
     The conditional and the unconditional halves run in one batched call. The unconditional half
@@ -263,12 +264,17 @@ def classifier_free_guidance(model: Model, scale: float, null_label: int | None 
     text -> the null text (text_mask all False), or the `negative_text` (tokens [1, L, D], mask
     [1, L]) when a negative prompt is given. Other tensor kwargs with a batch dimension (cond_frames,
     cond_mask) are duplicated for both. scale == 1, or no class label and no text, calls the
-    conditional model alone, so it is exactly that model."""
+    conditional model alone, so it is exactly that model.
+
+    `interval` (lo, hi), in the model's timesteps: guidance only at the steps with lo <= t <= hi,
+    the conditional model alone (one call) at the others (guidance in a limited interval,
+    Kynkaanniemi et al. 2024). None: at every step."""
 
     def guided(x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None,
                text: torch.Tensor | None = None, text_mask: torch.Tensor | None = None, **cond):
         given = {k: v for k, v in (("class_labels", class_labels), ("text", text), ("text_mask", text_mask)) if v is not None}
-        if scale == 1 or (class_labels is None and text is None):
+        inside = None if interval is None else (t >= interval[0]) & (t <= interval[1])
+        if scale == 1 or (class_labels is None and text is None) or (inside is not None and not inside.any()):
             return model(x, t, **given, **cond)
         batch = x.shape[0]
 
@@ -291,6 +297,9 @@ def classifier_free_guidance(model: Model, scale: float, null_label: int | None 
                     raise ValueError(f"negative prompt tokens {tuple(un_text.shape)} do not match {tuple(text.shape)}")
             both["text"], both["text_mask"] = torch.cat([text, un_text]), torch.cat([mask, un_mask])
         out_cond, out_uncond = model(twice(x), twice(t), **both).chunk(2)
-        return out_uncond + scale * (out_cond - out_uncond)
+        out = out_uncond + scale * (out_cond - out_uncond)
+        if inside is not None and not inside.all():  # samples outside the interval: the conditional output
+            out = torch.where(inside.view(-1, *[1] * (out.ndim - 1)), out, out_cond)
+        return out
 
     return guided

@@ -72,6 +72,9 @@ def parse_args(argv):
     # within the spread (README "Guidance: 1 since 2026-12-02"); text prompts need guidance: 3
     p.add_argument("--guidance-scale", type=float, default=None,
                    help="classifier-free guidance (default 1 for the class-conditional model, 3 with --text)")
+    p.add_argument("--guidance-interval", default="0,1", metavar="LO,HI",
+                   help="guidance only at the steps with LO <= t / num_timesteps <= HI (scripts.sample; "
+                   "default 0,1: every step)")
     p.add_argument("--text", action="store_true",
                    help="text-to-video: a text-only model on the videos' captions (a built-in tiny T5 encoder), sampled "
                    "on prompts that are new combinations of colour, shape and direction, scored for prompt adherence")
@@ -269,7 +272,8 @@ def sample_baseline(args, out: Path) -> int:
     run = args.baseline_run
     rc = sample.main(["--checkpoint", str(run / "diffusion" / "export"), "--autoencoder", str(run / "vae" / "export"),
                       "--num-samples", str(len(prompts)), "--sampler", args.sampler, "--steps", str(args.sample_steps),
-                      "--guidance-scale", str(args.guidance_scale), "--output-dir", str(out / "baseline_samples"),
+                      "--guidance-scale", str(args.guidance_scale), "--guidance-interval", args.guidance_interval,
+                      "--output-dir", str(out / "baseline_samples"),
                       "--format", "mp4", f"classes={','.join(classes)}"])
     for lat, prompt in zip(sorted((out / "baseline_samples").glob("*.safetensors")), prompts):
         latent, meta = load_latent_file(lat)
@@ -301,7 +305,8 @@ def add_text_stages(args, out: Path, plan: dict) -> None:
         "sample": lambda: sample.main(["--checkpoint", str(out / "diffusion" / "export"), "--autoencoder",
                                        str(out / "vae" / "export"), "--num-samples", str(args.num_samples),
                                        "--sampler", args.sampler, "--steps", str(args.sample_steps),
-                                       "--guidance-scale", str(args.guidance_scale), "--output-dir",
+                                       "--guidance-scale", str(args.guidance_scale),
+                                       "--guidance-interval", args.guidance_interval, "--output-dir",
                                        str(out / "samples"), "--format", "mp4", "--prompts", str(out / "prompts.txt")]),
     })
     if args.baseline_run is not None:
@@ -333,6 +338,7 @@ def main(argv=None) -> int:
         "sample": lambda: sample.main(["--checkpoint", str(diff / "export"), "--autoencoder", str(vae / "export"),
                                        "--num-samples", str(args.num_samples), "--sampler", args.sampler,
                                        "--steps", str(args.sample_steps), "--guidance-scale", str(args.guidance_scale),
+                                       "--guidance-interval", args.guidance_interval,
                                        "--output-dir", str(smp), "--format", "mp4"]),
     }
     if args.text:

@@ -14,6 +14,10 @@ our latent files given by --latents FILE_OR_DIR; with neither, the clips --check
 first) becomes every K-th frame of the output, which has K x the frames at K x the frame rate; the
 frames between are sampled in sliding windows by --interpolator (default: --checkpoint).
 
+--guidance-interval LO,HI: classifier-free guidance only at the steps whose timestep t has
+LO <= t / num_timesteps <= HI (1 is pure noise; Kynkaanniemi et al. 2024); the conditional model
+alone, at the cost of one call, at the others. Default 0,1: every step.
+
 --upsample SR_EXPORT: a spatial super-resolution stage (trained with sr.low_res_shards) upsamples
 what the stages before made, or, without --checkpoint, --latents / --init-video. Each written
 latent file records every stage (`cascade`: the export, and what it did).
@@ -38,6 +42,9 @@ class SampleConfig:
     frames: int = 0  # 0: the training clip length
     classes: list[str] = field(default_factory=list)  # names or indices; cycled; empty: all classes in turn
     guidance_scale: float = 3.0
+    # classifier-free guidance only where lo <= t / num_timesteps <= hi (fractions of the schedule; 1 is pure
+    # noise); elsewhere the conditional model alone. [0, 1]: every step
+    guidance_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])
     sampler: str = "dpmpp_2m"  # dpmpp_2m, ddim, ddpm
     steps: int = 25
     eta: float = 0.0
@@ -65,6 +72,7 @@ class SampleConfig:
 
 
 FLAGS = {"checkpoint": str, "num_samples": int, "frames": int, "classes": str, "guidance_scale": float,
+         "guidance_interval": str,
          "sampler": str, "steps": int, "seed": int, "batch_size": int, "init_video": str, "known_frames": int,
          "method": str, "autoencoder": str, "formats": str, "device": str, "upscale": int, "eta": float,
          "overlap": int, "guidance_weight": float, "interpolate": int, "latents": str, "interpolator": str,
@@ -85,6 +93,15 @@ def parse_args(argv):
     args = p.parse_args(argv)
     args.overrides = [f"{k}={v}" for k in (*FLAGS, "prompt_file") if (v := getattr(args, k)) is not None] + args.overrides
     return args
+
+
+def _interval(cfg: SampleConfig) -> tuple[float, float]:
+    """--guidance-interval LO,HI checked: two fractions of the schedule, 0 <= LO <= HI <= 1."""
+    iv = cfg.guidance_interval
+    if len(iv) != 2 or not 0 <= iv[0] <= iv[1] <= 1:
+        raise ConfigError(f"--guidance-interval takes LO,HI with 0 <= LO <= HI <= 1 (fractions of the schedule, "
+                          f"1 = pure noise), got {','.join(map(str, iv))}")
+    return float(iv[0]), float(iv[1])
 
 
 def read_prompts(cfg: SampleConfig, given: list[str], has_text: bool) -> list[str]:
@@ -308,9 +325,11 @@ def base_stage(cfg: SampleConfig, args, device) -> Made:
                             eta=cfg.eta, seed=cfg.seed, batch_size=cfg.batch_size, window=window,
                             overlap=cfg.overlap or None, known=known, method=_method(cfg, unet_cfg),
                             guidance_weight=cfg.guidance_weight, device=device, progress=True, text=text,
-                            negative_text=negative, interpolate=cfg.interpolate if interp_here else 0)
+                            negative_text=negative, interpolate=cfg.interpolate if interp_here else 0,
+                            guidance_interval=_interval(cfg))
     stage = {"stage": "interpolate" if interp_here else "base", "export": str(Path(cfg.checkpoint).resolve()),
-             "frames": made.latents.shape[2], "sampler": cfg.sampler, "steps": cfg.steps}
+             "frames": made.latents.shape[2], "sampler": cfg.sampler, "steps": cfg.steps,
+             "guidance_scale": cfg.guidance_scale, "guidance_interval": list(_interval(cfg))}
     if interp_here:
         stage["factor"] = cfg.interpolate
     made.cascade.append(stage)
@@ -342,11 +361,12 @@ def interpolate_stage(cfg: SampleConfig, made: Made, device, base_model) -> Made
                    window=lat.get("clip_len") or 16, overlap=cfg.overlap or None, known=known,
                    method=_method(cfg, unet_cfg),
                    guidance_weight=cfg.guidance_weight, device=device, progress=True, text=text, negative_text=negative,
-                   interpolate=cfg.interpolate)
+                   interpolate=cfg.interpolate, guidance_interval=_interval(cfg))
     made = replace(made, latents=out, meta=meta, stats=lat.get("stats"), fps=made.fps * cfg.interpolate,
                    cascade=[*made.cascade, {"stage": "interpolate", "export": str(Path(path).resolve()),
                                             "factor": cfg.interpolate, "frames": out.shape[2], "sampler": cfg.sampler,
-                                            "steps": cfg.steps}])
+                                            "steps": cfg.steps, "guidance_scale": cfg.guidance_scale,
+                                            "guidance_interval": list(_interval(cfg))}])
     return made
 
 
@@ -441,6 +461,7 @@ def run(args) -> list[Path]:
                           "--latents / --init-video")
     if cfg.interpolator and not (cfg.checkpoint and cfg.interpolate):
         raise ConfigError("--interpolator is the model of --interpolate K after --checkpoint's samples")
+    _interval(cfg)  # a bad --guidance-interval stops here, before any model is loaded
     out = Path(args.output_dir)
     device = pick_device(cfg.device)
     made = base_stage(cfg, args, device) if cfg.checkpoint else None

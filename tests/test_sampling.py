@@ -263,6 +263,35 @@ def test_cfg_runs_cond_and_uncond_in_one_batched_call():
     assert (out - cond).abs().max() > 1.0  # guidance actually moved the output
 
 
+def test_cfg_interval_guides_only_inside_it_and_calls_the_model_once_outside():
+    x, y, cf = torch.randn(4, 4), torch.tensor([0, 1, 2, 0]), torch.randn(4, 4)
+    model = CountingModel()
+
+    def reference(t):
+        cond = model(x, t, class_labels=y, cond_frames=cf)
+        uncond = model(x, t, class_labels=torch.full_like(y, 5), cond_frames=cf)
+        return cond, uncond + 4.0 * (cond - uncond)
+
+    guided = classifier_free_guidance(model, 4.0, null_label=5, interval=(300.0, 700.0))
+    low = torch.full((4,), 200.0)  # below the interval: the conditional model alone, in one call of 4
+    model.batches.clear()
+    out = guided(x, low, class_labels=y, cond_frames=cf)
+    assert model.batches == [4]
+    assert torch.equal(out, reference(low)[0])
+    for t in (300.0, 500.0, 700.0):  # both ends included: guided, one batched call of 8
+        model.batches.clear()
+        out = guided(x, torch.full((4,), t), class_labels=y, cond_frames=cf)
+        assert model.batches == [8]
+        torch.testing.assert_close(out, reference(torch.full((4,), t))[1])
+    mixed = torch.tensor([100.0, 400.0, 800.0, 600.0])  # per sample: guided where inside, conditional elsewhere
+    cond, full = reference(mixed)
+    out = guided(x, mixed, class_labels=y, cond_frames=cf)
+    inside = torch.tensor([False, True, False, True])
+    torch.testing.assert_close(out[inside], full[inside])
+    assert torch.equal(out[~inside], cond[~inside])
+    assert (full[~inside] - cond[~inside]).abs().max() > 1.0  # the guided output really differs there
+
+
 def test_cfg_without_labels_is_the_unconditional_model_and_plugs_into_samplers():
     model = CountingModel()
     x = torch.randn(2, 4)

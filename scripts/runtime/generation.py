@@ -44,8 +44,12 @@ def generate(model, unet_cfg, diff_cfg, *, num: int, frames: int, latent_shape, 
              guidance_scale: float = 1.0, sampler: str = "dpmpp_2m", steps: int = 25, eta: float = 0.0, seed: int = 0,
              batch_size: int = 8, window: int | None = None, overlap: int | None = None, known=None,
              method: str = "condition", guidance_weight: float = 2.0, device="cpu", progress=False,
-             text=None, negative_text=None, interpolate: int = 0, low_res=None, aug_level: int = 0) -> torch.Tensor:
+             text=None, negative_text=None, interpolate: int = 0, low_res=None, aug_level: int = 0,
+             guidance_interval: tuple[float, float] | None = None) -> torch.Tensor:
     """Whitened latents [num, C, frames, h, w].
+
+    `guidance_interval` (lo, hi), fractions of the schedule: classifier-free guidance only at the
+    steps whose timestep t has lo <= t / num_timesteps <= hi (None or (0, 1): at every step).
 
     A super-resolution stage is given `low_res` [num, C', frames, h', w'] (whitened with the
     stage's low-resolution stats, noise-augmented to `aug_level` already: `upsample_latents`); its
@@ -71,6 +75,14 @@ def generate(model, unet_cfg, diff_cfg, *, num: int, frames: int, latent_shape, 
     window = window or frames
     overlap = min(overlap if overlap is not None else window // 2, window - 1)
     ab = alphas_for(diff_cfg)
+    interval = None
+    if guidance_interval is not None:
+        lo, hi = guidance_interval
+        if not 0 <= lo <= hi <= 1:
+            raise ValueError(f"the guidance interval is (lo, hi) with 0 <= lo <= hi <= 1 (fractions of the schedule), "
+                             f"got {tuple(guidance_interval)}")
+        if (lo, hi) != (0, 1):
+            interval = (lo * diff_cfg.num_timesteps, hi * diff_cfg.num_timesteps)
     outs = []
     for start in range(0, num, batch_size):
         n = min(batch_size, num - start)
@@ -88,7 +100,7 @@ def generate(model, unet_cfg, diff_cfg, *, num: int, frames: int, latent_shape, 
             net = model
             if ((unet_cfg.num_classes and lab is not None) or txt) and guidance_scale != 1.0:
                 net = classifier_free_guidance(model, guidance_scale, null_label=unet_cfg.num_classes or None,
-                                               negative_text=negative_text)
+                                               negative_text=negative_text, interval=interval)
             if method == "reconstruction" and mask.any():
                 net = reconstruction_guided(net, context, mask, ab, diff_cfg.prediction, guidance_weight)
             if unet_cfg.frame_conditioning:
