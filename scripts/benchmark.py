@@ -37,8 +37,10 @@ BENCHES = ("vae", "encode", "reader", "unet", "sampling", "sampler_quality", "qu
            "fsdp")
 DEFAULT_BENCHES = BENCHES[:5]  # sampler_quality needs a trained demo (make demo) and ~10 CPU minutes;
 # quality (scripts.quality) trains the whole pipeline end to end: ~40 CPU minutes
+# (sampler, steps[, DDIM eta]): the fast samplers against DDPM-250, and DDPM's own fresh noise at fewer steps
+# (DDPM-K draws exactly what DDIM-K with eta = 1 draws) and half of it (DDIM eta = 0.5): README "The demo"
 SAMPLER_QUALITY_RUNS = [("training", 0), ("ddpm", 250), ("dpmpp_2m", 5), ("dpmpp_2m", 10), ("dpmpp_2m", 15),
-                        ("dpmpp_2m", 25), ("dpmpp_2m", 50), ("ddim", 50)]
+                        ("dpmpp_2m", 25), ("dpmpp_2m", 50), ("ddim", 50), ("ddim", 50, 0.5), ("ddpm", 50), ("ddpm", 100)]
 # default repeats per bench (timed calls after one warm-up call); --repeats overrides all of them
 REPEATS = {"vae": 3, "encode": 2, "reader": 3, "unet": 1, "sampling": 1, "sampler_quality": 1, "fastpath": 3, "interpolation": 1,
            "fsdp": 1}
@@ -352,8 +354,9 @@ def plan(bench: str, quick: bool) -> list[dict]:
     if bench == "interpolation":  # a trained demo-style model (--demo-dir), held-out clips of seed 7
         return [dict(bench="interpolation", N=4 if quick else 24, factor=2, seed=7, sampler="ddpm", steps=5 if quick else 250)]
     if bench == "sampler_quality":
-        n, steps = (8, [("ddpm", 250), ("dpmpp_2m", 5)]) if quick else (48, SAMPLER_QUALITY_RUNS)
-        return [dict(bench="sampler_quality", sampler=s, steps=k, N=n, guidance_scale=3.0, seed=1) for s, k in steps]
+        n, steps = (8, [("ddpm", 250), ("dpmpp_2m", 5), ("ddpm", 5), ("ddim", 5, 1.0)]) if quick else (48, SAMPLER_QUALITY_RUNS)
+        return [dict(bench="sampler_quality", sampler=r[0], steps=r[1], N=n, guidance_scale=3.0, seed=1,
+                     **({"eta": r[2]} if len(r) > 2 else {})) for r in steps]
     runs = [("tiny", 4, 8, "dpmpp_2m", 5)] if quick else [
         ("tiny", 16, 8, "dpmpp_2m", 25), ("tiny", 16, 8, "ddim", 50), ("tiny", 16, 8, "ddpm", 250),
         ("base", 16, 32, "dpmpp_2m", 25)]  # fmt: skip

@@ -62,7 +62,11 @@ def test_sampler_quality_on_a_trained_model(pipeline, tmp_path, capsys):
     capsys.readouterr()
     assert benchmark.main(["--quick", "--only", "sampler_quality", "--demo-dir", str(demo), "--threads", "1"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
-    assert [(ln["sampler"], ln["steps"]) for ln in lines] == [("ddpm", 250), ("dpmpp_2m", 5)]
+    assert [(ln["sampler"], ln["steps"]) for ln in lines] == [("ddpm", 250), ("dpmpp_2m", 5), ("ddpm", 5), ("ddim", 5)]
+    # DDIM's eta reaches the sampler: at eta = 1 it draws what DDPM draws from the same seed (at 0 it would not)
+    assert lines[3]["eta"] == 1.0 and "eta" not in lines[2]
+    assert math.isclose(lines[3]["fd_to_training"], lines[2]["fd_to_training"], rel_tol=1e-4)
+    assert not math.isclose(lines[1]["fd_to_training"], lines[2]["fd_to_training"], rel_tol=1e-4)
     for ln in lines:
         assert math.isfinite(ln["fd_to_training"]) and ln["fd_to_training"] > 0 and ln["s_per_video"] > 0
         assert ln["tracked_videos"] >= 0

@@ -49,7 +49,8 @@ def sampler_quality(spec: dict) -> dict:
     else:
         out = generate(model, meta["unet_config"], meta["diffusion_config"], num=n, frames=lat["clip_len"],
                        latent_shape=lat["shape"], labels=labels, guidance_scale=spec["guidance_scale"],
-                       sampler=spec["sampler"], steps=spec["steps"], seed=spec["seed"], batch_size=n, device=device,
+                       sampler=spec["sampler"], steps=spec["steps"], eta=spec.get("eta", 0.0), seed=spec["seed"],
+                       batch_size=n, device=device,
                        text=text)
     sync()
     seconds = time.perf_counter() - start
