@@ -16,9 +16,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from data.synthetic import prompt_adherence, video_quality  # noqa: E402
+from data.synthetic import prompt_adherence  # noqa: E402
 from scripts import sample  # noqa: E402
-from scripts.quality import _prompts_of, _read_videos, training_captions, write_prompts  # noqa: E402
+from scripts.demo import quality_report  # noqa: E402
+from scripts.quality import _read_videos, training_captions, write_prompts  # noqa: E402
 from scripts.runtime.stages import spread  # noqa: E402
 
 DEMO = Path("runs/demo")
@@ -35,14 +36,13 @@ def main(run: Path) -> dict:
         if rc:
             raise SystemExit(rc)
         (out / "done").write_text("")
-    paths = sorted(out.glob("*.mp4"))
-    videos = _read_videos(paths, 8)
+    report = quality_report(DEMO / "data", out, text=True)  # what `make demo` reports on its own samples
     caps = training_captions(DEMO / "data")
     chosen = spread(sorted(caps), 32)
-    train = _read_videos([DEMO / "data" / r for r in chosen], 8)
-    result = {"prompt_adherence": prompt_adherence(videos, _prompts_of(paths)),
-              "detector_on_training": prompt_adherence(train, [caps[r] for r in chosen]),
-              "video_quality": video_quality(videos, train, size=32), "data": video_quality(train, train, size=32)}
+    result = {"prompt_adherence": report["prompt_adherence"],
+              "detector_on_training": prompt_adherence(_read_videos([DEMO / "data" / r for r in chosen], 8),
+                                                       [caps[r] for r in chosen]),
+              "video_quality": report["samples"], "data": report["training_data"]}
     (run / "p48.json").write_text(json.dumps(result, indent=1))
     return result
 
