@@ -80,9 +80,16 @@ class DiffusionConfig:
     # correlation of the noise between the frames of a clip (mixed-noise prior, Ge et al. 2023);
     # 0 = independent noise per frame. Training and sampling use the same value (it is exported).
     frame_noise_correlation: float = 0.0
+    # how training draws each batch's timesteps: "uniform" (i.i.d.) or "stratified" (one draw from each
+    # of B equal slices of the schedule, shuffled: the same distribution, less variance in each batch's
+    # loss; Kingma et al. 2021's low-discrepancy sampler). Training only; sampling ignores it.
+    timestep_sampling: str = "uniform"
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if self.timestep_sampling == "uniform":
+            del d["timestep_sampling"]  # as before the key existed: older exports and checkpoints still match
+        return d
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "<dict>") -> DiffusionConfig:

@@ -26,6 +26,8 @@ class GaussianDiffusion:
             )
         if not 0.0 <= config.frame_noise_correlation < 1.0:
             raise ValueError(f"frame_noise_correlation must be in [0, 1), got {config.frame_noise_correlation}")
+        if config.timestep_sampling not in ("uniform", "stratified"):
+            raise ValueError(f"timestep_sampling must be uniform or stratified, got {config.timestep_sampling!r}")
         self.config = config
         self.num_timesteps = config.num_timesteps
         # float64 on CPU; gathered and moved to the data's device on demand (alpha_sigma does this)
@@ -42,9 +44,18 @@ class GaussianDiffusion:
     def sample_timesteps(
         self, batch: int, generator: torch.Generator | None = None, device=None
     ) -> torch.Tensor:
-        """t ~ U{0, ..., num_timesteps - 1} [B] long, drawn on the generator's device then moved."""
+        """t ~ U{0, ..., num_timesteps - 1} [B] long, drawn on the generator's device then moved.
+
+        With timestep_sampling "stratified" each t is still uniform over the schedule, but the batch
+        holds one t from each of B equal slices of it, in a random order."""
         gen_device = generator.device if generator is not None else device
-        t = torch.randint(0, self.num_timesteps, (batch,), generator=generator, device=gen_device)
+        if self.config.timestep_sampling == "stratified":
+            u = torch.rand(batch, generator=generator, device=gen_device, dtype=torch.float64)
+            slot = torch.arange(batch, device=gen_device, dtype=torch.float64)
+            t = ((slot + u) * self.num_timesteps / batch).floor().long().clamp(max=self.num_timesteps - 1)
+            t = t[torch.randperm(batch, generator=generator, device=gen_device)]
+        else:
+            t = torch.randint(0, self.num_timesteps, (batch,), generator=generator, device=gen_device)
         return t.to(device) if device is not None else t
 
     def alpha_sigma(self, t: torch.Tensor, x: torch.Tensor):

@@ -202,3 +202,36 @@ def test_training_noise_is_frame_correlated_as_configured():
     assert abs(var - 1) < 0.02 and abs(between_frames - 0.6) < 0.03
     with pytest.raises(ValueError, match="frame_noise_correlation"):
         GaussianDiffusion(DiffusionConfig(frame_noise_correlation=1.5))
+
+
+def test_stratified_timesteps_take_one_from_each_slice():
+    uni = diffusion(timestep_sampling="uniform")
+    strat = diffusion(timestep_sampling="stratified")
+    n = strat.num_timesteps
+    for seed in range(20):
+        t = strat.sample_timesteps(10, torch.Generator().manual_seed(seed))
+        assert t.dtype == torch.long and t.shape == (10,)
+        # one t in each tenth of the schedule, whatever the draw
+        assert sorted((t * 10 // n).tolist()) == list(range(10))
+    # the batch order is shuffled: slice 0 is not always first
+    firsts = {int(strat.sample_timesteps(10, torch.Generator().manual_seed(s))[0]) * 10 // n for s in range(20)}
+    assert len(firsts) > 1
+    # reproducible from the generator, and still uniform over the schedule as a whole
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    assert torch.equal(strat.sample_timesteps(8, g()), strat.sample_timesteps(8, g()))
+    many = torch.cat([strat.sample_timesteps(16, torch.Generator().manual_seed(s)) for s in range(2000)])
+    counts = torch.bincount(many * 4 // n, minlength=4).float()
+    assert (counts == counts[0]).all()  # 16 per batch: exactly 4 in each quarter
+    hist = torch.bincount(many * 20 // n, minlength=20).float() / many.numel()
+    assert (hist - 0.05).abs().max() < 0.01
+    # i.i.d. draws do not have that property: some batch misses a tenth
+    assert any(len(set((uni.sample_timesteps(10, torch.Generator().manual_seed(s)) * 10 // n).tolist())) < 10
+               for s in range(20))
+
+
+def test_timestep_sampling_is_checked_and_absent_from_default_exports():
+    with pytest.raises(ValueError, match="timestep_sampling"):
+        GaussianDiffusion(DiffusionConfig(timestep_sampling="sobol"))
+    assert "timestep_sampling" not in DiffusionConfig().to_dict()
+    d = DiffusionConfig(timestep_sampling="stratified").to_dict()
+    assert DiffusionConfig.from_dict(d).timestep_sampling == "stratified"
