@@ -11,6 +11,7 @@ from diffusion.config import DiffusionConfig
 
 PREDICTIONS = ("eps", "v", "x0")
 LOSS_WEIGHTINGS = ("none", "min_snr")
+TIMESTEP_SAMPLINGS = ("uniform", "stratified")
 
 
 class GaussianDiffusion:
@@ -26,8 +27,10 @@ class GaussianDiffusion:
             )
         if not 0.0 <= config.frame_noise_correlation < 1.0:
             raise ValueError(f"frame_noise_correlation must be in [0, 1), got {config.frame_noise_correlation}")
-        if config.timestep_sampling not in ("uniform", "stratified"):
-            raise ValueError(f"timestep_sampling must be uniform or stratified, got {config.timestep_sampling!r}")
+        if config.timestep_sampling not in TIMESTEP_SAMPLINGS:
+            raise ValueError(
+                f"unknown timestep_sampling {config.timestep_sampling!r} (expected one of {TIMESTEP_SAMPLINGS})"
+            )
         self.config = config
         self.num_timesteps = config.num_timesteps
         # float64 on CPU; gathered and moved to the data's device on demand (alpha_sigma does this)
