@@ -37,6 +37,10 @@ class UNetConfig:
     # every input, upsampled to the input's grid and concatenated to it, plus the level of the
     # noise augmentation applied to them (an input of the model, embedded like the timestep). 0: none
     low_res_channels: int = 0
+    # self-conditioning (Chen et al. 2022, "Analog Bits"): the model is also given its own previous
+    # estimate of x0 (zeros when there is none), concatenated to its input. Training feeds a detached
+    # estimate from a first forward pass on half the batches; samplers feed the previous step's
+    self_condition: bool = False
     gradient_checkpointing: bool = False
 
     def to_dict(self) -> dict:
@@ -45,6 +49,8 @@ class UNetConfig:
         d["attention_levels"] = list(self.attention_levels)
         if not self.text_dim:
             del d["text_dim"]  # a model without text: config.json as before the key existed
+        if not self.self_condition:
+            del d["self_condition"]  # as before the key existed
         if not self.low_res_channels:
             del d["low_res_channels"]  # not a super-resolution stage: as before the key existed
         if self.joint_attention_levels:

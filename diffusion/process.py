@@ -118,8 +118,14 @@ class GaussianDiffusion:
         model_kwargs: dict | None = None,
         frame_mask: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        self_condition: bool = False,
     ) -> dict[str, torch.Tensor]:
         """Noise x0 [B, C, T, h, w] at t, run model(x_t, t, **model_kwargs), regress the target.
+
+        `self_condition` (a model built with model.self_condition): on half the batches (one draw
+        from `generator` per batch, Chen et al. 2022) a first pass without gradients estimates x0,
+        and the trained pass is given it, detached, as `self_cond`; on the others it gets none
+        (zeros), as at the first sampling step. Returns `self_conditioned` (0 or 1) then.
 
         frame_mask [B, T] (1 = frame counts; 0 for conditioning frames given to the model): the per-sample
         loss is the mean squared error over the contributing elements only (0 if a sample has none).
@@ -133,7 +139,19 @@ class GaussianDiffusion:
                 x0.shape, self.config.frame_noise_correlation, generator=generator, device=gen_device, dtype=x0.dtype
             ).to(x0.device)
         x_t = self.q_sample(x0, t, noise)
-        out = model(x_t, t, **(model_kwargs or {}))
+        kwargs = dict(model_kwargs or {})
+        used = None
+        if self_condition:
+            gen_device = generator.device if generator is not None else x0.device
+            used = bool(torch.rand((), generator=generator, device=gen_device) < 0.5)
+            if used:
+                with torch.no_grad():
+                    first = model(x_t, t, **kwargs)
+                    alpha, sigma = self.alpha_sigma(t, x_t)
+                    est = schedules.to_x0_eps(self.config.prediction, first.float(), x_t.float(), alpha.float(), sigma.float())[0]
+                    # eps-prediction at SNR 0 has no x0 estimate (alpha = 0): give zeros there, as for none
+                    kwargs["self_cond"] = torch.where(torch.isfinite(est), est, torch.zeros_like(est)).to(x_t.dtype)
+        out = model(x_t, t, **kwargs)
         err = (out.float() - self.target(x0, noise, t).float()) ** 2  # [B, C, T, h, w]
 
         if frame_mask is None:
@@ -149,4 +167,7 @@ class GaussianDiffusion:
             # where(), not err * mask: a non-finite output on an excluded frame must not leak in as NaN
             masked = torch.where(mask > 0, err * mask, torch.zeros_like(err))
             mse = masked.sum(dim=(1, 2, 3, 4)) / count.clamp(min=1)  # 0 / 1 when no frame counts
-        return {"loss": mse * self.loss_weight(t).to(mse.device), "mse": mse, "t": t}
+        result = {"loss": mse * self.loss_weight(t).to(mse.device), "mse": mse, "t": t}
+        if used is not None:
+            result["self_conditioned"] = torch.tensor(float(used))
+        return result

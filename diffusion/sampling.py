@@ -200,6 +200,25 @@ def sample_dpmpp_2m(
     return x
 
 
+def self_conditioned(model: Model, alphas_cumprod: torch.Tensor, prediction: str) -> Model:
+    """A self-conditioned model (model.self_condition) as a plain `model(x, t, **cond)` for the
+    samplers: each call gives the model, as `self_cond`, its x0 estimate from the previous call
+    (zeros at the first), as Chen et al. 2022 sample. Wrap the outermost model (after guidance), so
+    that both halves of a guided call get the previous *guided* estimate. One wrapper per sampling
+    run: it keeps that estimate between calls."""
+    previous: list[torch.Tensor] = []
+
+    def net(x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+        given = previous[-1] if previous and previous[-1].shape == x.shape else torch.zeros_like(x)
+        out = model(x, t, self_cond=given, **cond)
+        alpha, sigma = _alpha_sigma(alphas_cumprod, int(t.reshape(-1)[0]))
+        x0 = to_x0_eps(prediction, out.float(), x.float(), alpha, sigma)[0]
+        previous[:] = [torch.where(torch.isfinite(x0), x0, torch.zeros_like(x0)).to(x.dtype)]
+        return out
+
+    return net
+
+
 SAMPLERS = {"ddpm": sample_ddpm, "ddim": sample_ddim, "dpmpp_2m": sample_dpmpp_2m}
 
 
@@ -222,12 +241,16 @@ def sample(
     callback: Callback | None = None,
     clip_x0: float | None = None,
     noise_correlation: float = 0.0,
+    self_condition: bool = False,
 ) -> torch.Tensor:
     """Draw x0 samples of `shape` from N(0, I) noise (or the given `x_T`) with the named sampler.
     `noise_correlation`: the model was trained with frame-correlated noise (mixed-noise prior), so
-    x_T and any fresh noise are drawn the same way."""
+    x_T and any fresh noise are drawn the same way. `self_condition`: the model is self-conditioned
+    (model.self_condition); each step gives it the previous step's x0 estimate (`self_conditioned`)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r} (expected one of {sorted(SAMPLERS)})")
+    if self_condition:
+        model = self_conditioned(model, alphas_cumprod, prediction)
     timesteps = timesteps_for(steps, len(alphas_cumprod), spacing)
     if x_T is None:
         x_T = _randn(shape, generator, device, correlation=noise_correlation)

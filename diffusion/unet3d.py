@@ -93,6 +93,7 @@ class UNet3D(nn.Module):
         if c.low_res_channels:  # super-resolution: the noise-augmentation level, embedded like t
             self.aug_mlp = nn.Sequential(nn.Linear(base, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         in_ch = (2 * c.in_channels + 1 if c.frame_conditioning else c.in_channels) + c.low_res_channels
+        in_ch += c.in_channels if c.self_condition else 0
         self.input_conv = nn.Conv2d(in_ch, base, 3, padding=1)
 
         ch, skips = base, [base]
@@ -174,9 +175,10 @@ class UNet3D(nn.Module):
             emb = emb + self.class_emb(class_labels.long())
         return emb
 
-    def _input(self, x, cond_frames, cond_mask, low_res) -> torch.Tensor:
+    def _input(self, x, cond_frames, cond_mask, low_res, self_cond=None) -> torch.Tensor:
         """concat(x, cond_frames * mask, mask) over channels when frame conditioning is on, then the
-        low-resolution latents upsampled to x's grid for a super-resolution stage."""
+        low-resolution latents upsampled to x's grid for a super-resolution stage, then the model's
+        previous x0 estimate (zeros when not given) for a self-conditioned model."""
         b, _, t, h, w = x.shape
         parts = [x]
         if self.config.frame_conditioning:
@@ -187,6 +189,10 @@ class UNet3D(nn.Module):
             parts += [cond, mask.expand(b, 1, t, h, w)]  # [B, 2C+1, T, h, w]
         if self.config.low_res_channels:
             parts.append(self._low_res(low_res, x))
+        if self.config.self_condition:
+            if self_cond is not None and self_cond.shape != x.shape:
+                raise ValueError(f"self_cond must have x's shape {tuple(x.shape)}, got {tuple(self_cond.shape)}")
+            parts.append(torch.zeros_like(x) if self_cond is None else self_cond.to(x.dtype))
         return torch.cat(parts, dim=1) if len(parts) > 1 else x
 
     def _low_res(self, low_res, x) -> torch.Tensor:
@@ -212,8 +218,10 @@ class UNet3D(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x, t, class_labels=None, cond_frames=None, cond_mask=None, text=None, text_mask=None,
-                low_res=None, aug_level=None) -> torch.Tensor:
+                low_res=None, aug_level=None, self_cond=None) -> torch.Tensor:
         self._check(x)
+        if self_cond is not None and not self.config.self_condition:
+            raise ValueError("this model is not self-conditioned (model.self_condition = false) but was given self_cond")
         batch, num_frames = x.shape[0], x.shape[2]
         emb, ctx = self._embed(t, class_labels, batch, x.device), ()
         if self.config.low_res_channels:
@@ -228,7 +236,7 @@ class UNet3D(nn.Module):
         elif text is not None:
             raise ValueError("this model has no text conditioning (text_dim = 0) but was given text")
         emb = repeat_over_frames(emb, num_frames)  # [(B T), D]
-        h = rearrange(self._input(x, cond_frames, cond_mask, low_res), "b c t h w -> (b t) c h w")
+        h = rearrange(self._input(x, cond_frames, cond_mask, low_res, self_cond), "b c t h w -> (b t) c h w")
         h = self.input_conv(h)  # [(B T), base, h, w]
 
         skips = [h]

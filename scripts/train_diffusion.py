@@ -306,7 +306,8 @@ def train_step(acc, model, diffusion, opt, sched, guard, cfg, vb, ib, step, text
             if low_img is not None:
                 img_kwargs.update(_augmented(low_img, diffusion, cfg, g, device))
             with acc.no_sync(model), acc.autocast():
-                out = diffusion.training_losses(model, x_img, model_kwargs=img_kwargs, generator=g)
+                out = diffusion.training_losses(model, x_img, model_kwargs=img_kwargs, generator=g,
+                                               self_condition=cfg.model.self_condition)
                 loss_img = out["loss"].sum() / total
             acc.backward(_poison(loss_img, step + 1))
             logs["loss_image"] = out["loss"].mean().item()
@@ -319,7 +320,8 @@ def train_step(acc, model, diffusion, opt, sched, guard, cfg, vb, ib, step, text
         if low_res is not None:
             kwargs.update(_augmented(low_res.batch(vb["key"], "video"), diffusion, cfg, g, device))
         with acc.autocast():
-            out = diffusion.training_losses(model, x_vid, model_kwargs=kwargs, frame_mask=loss_mask, generator=g)
+            out = diffusion.training_losses(model, x_vid, model_kwargs=kwargs, frame_mask=loss_mask, generator=g,
+                                           self_condition=cfg.model.self_condition)
             loss_vid = out["loss"].sum() / total
         acc.backward(_poison(loss_vid, step + 1))
         logs["loss_video"] = out["loss"].mean().item()

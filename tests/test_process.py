@@ -235,3 +235,43 @@ def test_timestep_sampling_is_checked_and_absent_from_default_exports():
     assert "timestep_sampling" not in DiffusionConfig().to_dict()
     d = DiffusionConfig(timestep_sampling="stratified").to_dict()
     assert DiffusionConfig.from_dict(d).timestep_sampling == "stratified"
+
+
+def test_self_conditioning_gives_a_detached_estimate_on_about_half_the_batches():
+    """v-prediction: the second pass gets x0_hat = alpha x_t - sigma v of the first, computed here
+    from the schedule by hand; the first pass gets none; about half the batches take the two passes."""
+    diff = diffusion(prediction="v", zero_terminal_snr=True, loss_weighting="none")
+    weight = torch.nn.Parameter(torch.tensor(0.5))
+    calls = []
+
+    def model(x, t, self_cond=None):
+        calls.append((x.detach().clone(), t.clone(), None if self_cond is None else self_cond))
+        out = weight * x + (0 if self_cond is None else 0.25 * self_cond)
+        return out
+
+    x0 = torch.randn(3, 4, 2, 8, 8)
+    gen = torch.Generator().manual_seed(3)
+    used = []
+    for _ in range(40):
+        calls.clear()
+        res = diff.training_losses(model, x0, generator=gen, self_condition=True)
+        used.append(int(res["self_conditioned"]))
+        if used[-1]:
+            (x_t, t, first), (x_t2, t2, given) = calls
+            assert first is None and torch.equal(x_t, x_t2) and torch.equal(t, t2)
+            abar = diff.alphas_cumprod[t].float().view(-1, 1, 1, 1, 1)
+            v = 0.5 * x_t
+            expected = abar.sqrt() * x_t - (1 - abar).sqrt() * v
+            torch.testing.assert_close(given, expected)
+            assert not given.requires_grad  # no gradient through the first pass
+            res["loss"].sum().backward()
+            assert weight.grad is not None and weight.grad != 0
+        else:
+            ((_, _, given),) = calls
+            assert given is None
+    assert 10 <= sum(used) <= 30  # fails if it never (or always) happens
+    # without self-conditioning nothing extra is drawn: the same seed gives the same t as before
+    plain = diff.training_losses(lambda x, t: 0.5 * x, x0, generator=torch.Generator().manual_seed(5))
+    calls.clear()
+    off = diff.training_losses(model, x0, generator=torch.Generator().manual_seed(5), self_condition=False)
+    assert torch.equal(plain["t"], off["t"]) and "self_conditioned" not in off and len(calls) == 1

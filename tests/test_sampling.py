@@ -376,3 +376,36 @@ def test_samplers_match_data_moments_on_a_shifted_schedule(sampler, steps):
     x = sample(gaussian_model(ab, "v"), (20000, 1), alphas_cumprod=ab, prediction="v", sampler=sampler,
                steps=steps, generator=torch.Generator().manual_seed(0))
     assert abs(x.mean().item() - MU) < 0.01 and abs(x.std().item() - S) < 0.015
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp_2m"])
+def test_self_conditioned_sampling_gives_each_step_the_previous_x0_estimate(sampler):
+    """Each call gets alpha x - sigma v of the call before (by hand from the recorded call), zeros
+    first; under guidance both halves get the previous *guided* estimate."""
+    ab = ZERO_SNR
+    calls = []
+
+    def model(x, t, class_labels=None, self_cond=None):
+        out = 0.3 * x + 0.5 * self_cond + (0.0 if class_labels is None else 0.1 * class_labels.view(-1, 1, 1, 1, 1).float())
+        calls.append((x.clone(), t.clone(), self_cond.clone(), out.clone(), class_labels))
+        return out
+
+    labels = torch.tensor([0, 2])
+    guided = classifier_free_guidance(model, 2.0, null_label=3)
+    sample(guided, (2, 4, 3, 4, 4), alphas_cumprod=ab, prediction="v", sampler=sampler, steps=6,
+           cond={"class_labels": labels}, generator=torch.Generator().manual_seed(0), self_condition=True)
+    assert len(calls) == 6
+    assert torch.equal(calls[0][2], torch.zeros(4, 4, 3, 4, 4))
+    for (x, t, _, out, lab), (_, _, given, _, _) in zip(calls, calls[1:]):
+        assert torch.equal(lab, torch.tensor([0, 2, 3, 3]))  # cond and uncond halves in one call
+        cond, uncond = out.chunk(2)
+        v = uncond + 2.0 * (cond - uncond)  # the guided output the sampler used
+        abar = float(ab[int(t[0])])
+        expected = math.sqrt(abar) * x[:2] - math.sqrt(1 - abar) * v
+        torch.testing.assert_close(given[:2], expected)
+        torch.testing.assert_close(given[2:], expected)
+    # a model that is not self-conditioned is called as before (no self_cond keyword)
+    plain = []
+    sample(lambda x, t: plain.append(1) or 0.3 * x, (1, 4, 2, 4, 4), alphas_cumprod=ab, prediction="v",
+           sampler=sampler, steps=3, generator=torch.Generator().manual_seed(0))
+    assert len(plain) == 3

@@ -207,3 +207,25 @@ def test_periodic_samples_report_quality_against_the_decoded_data(pipeline, tmp_
     assert got.keys() == want.keys()
     for k in want:
         assert got[k] == pytest.approx(want[k], nan_ok=True), k
+
+
+def test_self_conditioned_model_trains_exports_and_samples(pipeline, tmp_path, seen_calls, monkeypatch):
+    from scripts.runtime import generation
+    from scripts.runtime.generation import load_latent_file
+
+    flags, real = [], generation.sample
+
+    def spy(*args, **kwargs):
+        flags.append(kwargs.get("self_condition"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(generation, "sample", spy)
+    out = tmp_path / "run"
+    assert train(pipeline.shards, out, "model.self_condition=true", "data.image_ratio=0", "sample.every=2",
+                 "sample.num=1", "sample.steps=2", steps=2) == 0  # fmt: skip
+    assert [kw["self_condition"] for _, kw, _ in seen_calls] == [True, True]
+    model, meta = load_diffusion_export(out / "export")
+    assert meta["unet_config"].self_condition and model.input_conv.in_channels == 4 + 4 + 1 + 4
+    latent, _ = load_latent_file(out / "samples" / "step0000002-000.safetensors")
+    assert latent.shape == (4, 8, 8, 8) and torch.isfinite(latent).all()
+    assert flags == [True]  # the periodic sample fed the model its own estimates

@@ -354,3 +354,21 @@ def test_joint_attention_links_a_pixel_to_other_places_in_other_frames_in_one_la
 
     assert reach(joint) > 1e-4
     assert reach(spatial) < 1e-6 and reach(temporal) < 1e-6
+
+
+def test_self_condition_input_is_used_and_checked():
+    model = randomize(build(frame_conditioning=True, self_condition=True)).eval()
+    x, t = inputs(frames=3)
+    est = torch.randn_like(x)
+    with torch.no_grad():
+        base = model(x, t, self_cond=est)
+        assert not torch.allclose(base, model(x, t, self_cond=est + 1.0))  # the estimate reaches the output
+        assert torch.equal(model(x, t), model(x, t, self_cond=torch.zeros_like(x)))  # none = zeros
+        with pytest.raises(ValueError, match="self_cond must have"):
+            model(x, t, self_cond=est[:, :, :2])
+        with pytest.raises(ValueError, match="not self-conditioned"):
+            randomize(build()).eval()(x, t, self_cond=est)
+    assert model.input_conv.in_channels == 4 + 4 + 1 + 4  # x, known frames, mask, estimate
+    assert "self_condition" not in tiny_config().to_dict()  # as before the key existed
+    d = tiny_config(self_condition=True).to_dict()
+    assert d["self_condition"] is True and UNetConfig.from_dict(d).self_condition is True

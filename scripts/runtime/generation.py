@@ -108,7 +108,7 @@ def generate(model, unet_cfg, diff_cfg, *, num: int, frames: int, latent_shape, 
                 cond.update(cond_frames=context * given, cond_mask=given)
             x = sample(net, (n, c, context.shape[2], h, w), alphas_cumprod=ab, prediction=diff_cfg.prediction,
                        sampler=sampler, steps=steps, eta=eta, cond=cond, generator=g, device=device, progress=progress,
-                       noise_correlation=diff_cfg.frame_noise_correlation)
+                       noise_correlation=diff_cfg.frame_noise_correlation, self_condition=unet_cfg.self_condition)
             return replace_known(x, context, mask)
 
         if low is not None:
