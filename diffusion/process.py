@@ -133,8 +133,8 @@ class GaussianDiffusion:
         batch = x0.shape[0]
         if t is None:
             t = self.sample_timesteps(batch, generator, x0.device)
+        gen_device = generator.device if generator is not None else x0.device
         if noise is None:
-            gen_device = generator.device if generator is not None else x0.device
             noise = schedules.frame_correlated_noise(
                 x0.shape, self.config.frame_noise_correlation, generator=generator, device=gen_device, dtype=x0.dtype
             ).to(x0.device)
@@ -142,15 +142,13 @@ class GaussianDiffusion:
         kwargs = dict(model_kwargs or {})
         used = None
         if self_condition:
-            gen_device = generator.device if generator is not None else x0.device
             used = bool(torch.rand((), generator=generator, device=gen_device) < 0.5)
             if used:
                 with torch.no_grad():
-                    first = model(x_t, t, **kwargs)
                     alpha, sigma = self.alpha_sigma(t, x_t)
-                    est = schedules.to_x0_eps(self.config.prediction, first.float(), x_t.float(), alpha.float(), sigma.float())[0]
-                    # eps-prediction at SNR 0 has no x0 estimate (alpha = 0): give zeros there, as for none
-                    kwargs["self_cond"] = torch.where(torch.isfinite(est), est, torch.zeros_like(est)).to(x_t.dtype)
+                    kwargs["self_cond"] = schedules.self_cond_estimate(
+                        self.config.prediction, model(x_t, t, **kwargs), x_t, alpha.float(), sigma.float()
+                    )
         out = model(x_t, t, **kwargs)
         err = (out.float() - self.target(x0, noise, t).float()) ** 2  # [B, C, T, h, w]
 

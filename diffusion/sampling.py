@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from diffusion.schedules import frame_correlated_noise, to_x0_eps
+from diffusion.schedules import frame_correlated_noise, self_cond_estimate, to_x0_eps
 
 # Conventions (k-diffusion style): a sampler takes a model callable returning its raw output
 # (eps, v or x0 as `prediction` says), the float64 table abar_t for t = 0..N-1, and a descending
@@ -206,14 +206,12 @@ def self_conditioned(model: Model, alphas_cumprod: torch.Tensor, prediction: str
     (zeros at the first), as Chen et al. 2022 sample. Wrap the outermost model (after guidance), so
     that both halves of a guided call get the previous *guided* estimate. One wrapper per sampling
     run: it keeps that estimate between calls."""
-    previous: list[torch.Tensor] = []
+    previous: list[torch.Tensor] = []  # the last call's estimate
 
     def net(x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
-        given = previous[-1] if previous and previous[-1].shape == x.shape else torch.zeros_like(x)
-        out = model(x, t, self_cond=given, **cond)
+        out = model(x, t, self_cond=previous[0] if previous else torch.zeros_like(x), **cond)
         alpha, sigma = _alpha_sigma(alphas_cumprod, int(t.reshape(-1)[0]))
-        x0 = to_x0_eps(prediction, out.float(), x.float(), alpha, sigma)[0]
-        previous[:] = [torch.where(torch.isfinite(x0), x0, torch.zeros_like(x0)).to(x.dtype)]
+        previous[:] = [self_cond_estimate(prediction, out, x, alpha, sigma)]
         return out
 
     return net

@@ -114,6 +114,14 @@ def to_x0_eps(prediction: str, model_out, x_t, alpha, sigma):
     raise ValueError(f"unknown prediction type {prediction!r} (expected 'eps', 'v' or 'x0')")
 
 
+def self_cond_estimate(prediction: str, model_out, x_t, alpha, sigma):
+    """The x0 estimate a self-conditioned model is given next (training's second pass, the sampler's
+    next step): `to_x0_eps`'s x0 in float32, with zeros where it is not finite (eps-prediction at
+    SNR 0, alpha = 0, has none), returned in x_t's dtype."""
+    x0 = to_x0_eps(prediction, model_out.float(), x_t.float(), alpha, sigma)[0]
+    return torch.where(torch.isfinite(x0), x0, torch.zeros_like(x0)).to(x_t.dtype)
+
+
 def frame_correlated_noise(shape, correlation: float = 0.0, *, generator=None, device=None, dtype=torch.float32):
     """Gaussian noise whose frames share a component (the "mixed noise" prior of Ge et al. 2023,
     PYoCo): for a video shape [B, C, T, h, w], eps = sqrt(rho) * shared + sqrt(1 - rho) * own, with
