@@ -52,6 +52,10 @@ def test_unknown_key_in_override():
         ("model.mid_attention=maybe", "model.mid_attention.*true or false"),
         ("train.mixed_precision=fp8", "mixed_precision"),
         ("train=3", "train.*mapping|section"),
+        ("train.checkpoint_every=0", r"train\.checkpoint_every must be at least 1, got 0"),
+        ("train.log_every=0", r"train\.log_every must be at least 1"),
+        ("train.keep_checkpoints=-1", r"train\.keep_checkpoints must be at least 1"),
+        ("train.grad_accum=0", r"train\.grad_accum must be at least 1"),
     ],
 )
 def test_bad_types_named(override, pattern):

@@ -72,6 +72,9 @@ class TrainConfig:
     fsdp: bool = False
 
     def __post_init__(self):
+        for key in ("batch_size", "max_steps", "log_every", "checkpoint_every", "keep_checkpoints", "grad_accum"):
+            if getattr(self, key) < 1:  # log_every / checkpoint_every are periods: 0 divided the step by zero
+                raise ConfigError(f"train.{key} must be at least 1, got {getattr(self, key)}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ConfigError(f"train.mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
         if self.fused_adamw not in ("auto", "on", "off"):
