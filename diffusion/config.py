@@ -41,6 +41,9 @@ class UNetConfig:
     # estimate of x0 (zeros when there is none), concatenated to its input. Training feeds a detached
     # estimate from a first forward pass on half the batches; samplers feed the previous step's
     self_condition: bool = False
+    # after each temporal attention, a second one from every position to one attention-pooled
+    # summary per frame of its clip (layers.ClipContextAttention): pixel to whole frame in one hop
+    clip_context: bool = False
     gradient_checkpointing: bool = False
 
     def to_dict(self) -> dict:
@@ -51,6 +54,8 @@ class UNetConfig:
             del d["text_dim"]  # a model without text: config.json as before the key existed
         if not self.self_condition:
             del d["self_condition"]  # as before the key existed
+        if not self.clip_context:
+            del d["clip_context"]  # as before the key existed
         if not self.low_res_channels:
             del d["low_res_channels"]  # not a super-resolution stage: as before the key existed
         if self.joint_attention_levels:

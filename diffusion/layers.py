@@ -175,6 +175,46 @@ class TemporalAttention(nn.Module):
         return x + rearrange(h, "(b h w) t c -> (b t) c h w", h=height, w=width)
 
 
+class ClipContextAttention(nn.Module):
+    """Every position of every frame attends to one summary per frame of its clip: one hop from any
+    pixel of frame t to what frame t' holds anywhere, where the factorized pair needs two (across the
+    frame, then along a pixel's frames) and a small moving object is at another pixel in every frame.
+    Each frame's summary is an attention pool over its pixels (content-based weights per head, so it
+    can pick out the object among background); queries are the positions, keys and values the T
+    summaries, with TemporalAttention's learned relative frame bias. Cost per clip T*H*W*T, about that
+    of temporal attention. Out-projection zero-initialised (identity at init); skipped at T = 1."""
+
+    def __init__(self, channels: int, head_dim: int, groups: int, max_relative_position: int):
+        super().__init__()
+        self.heads = num_heads_for(channels, head_dim)
+        self.max_relative_position = max_relative_position
+        self.norm = group_norm(channels, groups)
+        self.pool = nn.Linear(channels, self.heads)  # pooling logits, one per head
+        self.q = nn.Linear(channels, channels)
+        self.kv = nn.Linear(channels, 2 * channels)
+        self.relative_bias = nn.Parameter(torch.zeros(self.heads, 2 * max_relative_position + 1))
+        self.out_proj = zero_module(nn.Linear(channels, channels))
+
+    def summaries(self, h: torch.Tensor) -> torch.Tensor:
+        """h [B, T, H*W, C] -> [B, T, C]: per head, a softmax-weighted mean of the frame's positions."""
+        weights = self.pool(h).softmax(dim=2)  # [B, T, HW, heads]
+        heads = rearrange(h, "b t l (h d) -> b t l h d", h=self.heads)
+        return rearrange(torch.einsum("btlh,btlhd->bthd", weights, heads), "b t h d -> b t (h d)")
+
+    def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
+        if num_frames == 1:
+            return x
+        height, width = x.shape[-2:]
+        h = rearrange(self.norm(x), "(b t) c h w -> b t (h w) c", t=num_frames)  # [B, T, HW, C]
+        k, v = rearrange(self.kv(self.summaries(h)), "b t (k h d) -> k b h t d", k=2, h=self.heads)
+        q = rearrange(self.q(h), "b t l (h d) -> b h (t l) d", h=self.heads)  # [B, heads, T*HW, d]
+        bias = relative_position_bias(self.relative_bias, num_frames, self.max_relative_position, x.device)
+        bias = bias.repeat_interleave(height * width, dim=1).to(q.dtype)  # [heads, T*HW, T]: row i's frame
+        h = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # [B, heads, T*HW, d]
+        h = self.out_proj(rearrange(h, "b h l d -> b l (h d)"))
+        return x + rearrange(h, "b (t h w) c -> (b t) c h w", t=num_frames, h=height, w=width)
+
+
 class SpaceTimeAttention(nn.Module):
     """Pre-norm multi-head self-attention over all T*H*W positions of a clip at once (joint
     space-time attention), replacing a level's spatial + temporal attention pair: an object at one

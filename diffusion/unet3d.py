@@ -12,6 +12,7 @@ from torch.utils.checkpoint import checkpoint
 
 from diffusion.config import UNetConfig
 from diffusion.layers import (
+    ClipContextAttention,
     CrossAttention,
     Downsample,
     ResBlock,
@@ -30,7 +31,7 @@ MODEL_TYPE = "UNet3D"  # recorded in the exported config.json
 
 class UNetBlock(nn.Module):
     """One residual block, optionally followed by spatial attention, cross-attention to text tokens
-    (when the model has text) and temporal attention."""
+    (when the model has text), temporal attention and clip-context attention (config.clip_context)."""
 
     def __init__(self, in_ch: int, out_ch: int, emb_dim: int, config: UNetConfig, attention: bool,
                  temporal: bool | None = None, joint: bool = False):
@@ -47,6 +48,9 @@ class UNetBlock(nn.Module):
         self.temporal_attn = None
         if (attention if temporal is None else temporal) and c.temporal_attention and not joint:
             self.temporal_attn = TemporalAttention(out_ch, c.head_dim, c.norm_groups, c.max_relative_position)
+        self.temporal_context = None  # "temporal" in the name: T = 1 gives it no gradient (it is skipped)
+        if self.temporal_attn is not None and c.clip_context:
+            self.temporal_context = ClipContextAttention(out_ch, c.head_dim, c.norm_groups, c.max_relative_position)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor, num_frames: int, text=None, text_mask=None) -> torch.Tensor:
         x = self.res(x, emb, num_frames)
@@ -58,6 +62,8 @@ class UNetBlock(nn.Module):
             x = self.cross_attn(x, text, text_mask, num_frames)
         if self.temporal_attn is not None:
             x = self.temporal_attn(x, num_frames)  # identity, no compute, when num_frames == 1
+        if self.temporal_context is not None:
+            x = self.temporal_context(x, num_frames)  # identity when num_frames == 1
         return x
 
 

@@ -372,3 +372,79 @@ def test_self_condition_input_is_used_and_checked():
     assert "self_condition" not in tiny_config().to_dict()  # as before the key existed
     d = tiny_config(self_condition=True).to_dict()
     assert d["self_condition"] is True and UNetConfig.from_dict(d).self_condition is True
+
+
+def test_clip_context_against_a_hand_written_softmax():
+    """ClipContextAttention: each frame pooled per head with softmax weights over its pixels, then
+    every (frame, pixel) attends to the T pooled summaries with bias[clamp(t_j - t_i)]; checked
+    against an explicit loop over clips, frames and heads."""
+    from diffusion.layers import ClipContextAttention
+
+    torch.manual_seed(0)
+    attn = randomize(ClipContextAttention(16, head_dim=8, groups=4, max_relative_position=2))
+    frames, size, d = 4, 3, 8
+    x = torch.randn(2 * frames, 16, size, size)
+    with torch.no_grad():
+        out = attn(x, frames)
+        want = torch.zeros_like(x)
+        for b in range(2):
+            h = attn.norm(x[b * frames:(b + 1) * frames]).flatten(2).transpose(1, 2)  # [T, HW, C]
+            summary = torch.zeros(frames, 16)
+            for t in range(frames):
+                w = attn.pool(h[t]).softmax(dim=0)  # [HW, heads]
+                for head in range(2):
+                    sl = slice(head * d, (head + 1) * d)
+                    summary[t, sl] = (w[:, head:head + 1] * h[t][:, sl]).sum(0)
+            k, v = attn.kv(summary).chunk(2, dim=-1)  # [T, C]
+            for t in range(frames):
+                q = attn.q(h[t])  # [HW, C]
+                rows = []
+                for head in range(2):
+                    sl = slice(head * d, (head + 1) * d)
+                    bias = torch.stack([attn.relative_bias[head][max(-2, min(2, j - t)) + 2] for j in range(frames)])
+                    rows.append(torch.softmax(q[:, sl] @ k[:, sl].T / d**0.5 + bias, dim=-1) @ v[:, sl])
+                o = attn.out_proj(torch.cat(rows, dim=-1))  # [HW, C]
+                want[b * frames + t] = o.T.reshape(16, size, size)
+    assert torch.allclose(out, x + want, atol=1e-5)
+
+
+def test_clip_context_reaches_other_pixels_of_other_frames_in_one_layer():
+    """The point of the layer: a change at one pixel of frame 0 moves another pixel of the last frame
+    through this one layer; temporal attention alone cannot (it mixes a pixel's own frames only).
+    The identity at init (zero out-projection) and for images (T = 1)."""
+    from diffusion.layers import ClipContextAttention
+
+    torch.manual_seed(0)
+    frames = 4
+    x = torch.randn(frames, 16, 4, 4)
+    moved = x.clone()
+    moved[0, :, 0, 0] += 3.0  # frame 0, pixel (0, 0)
+    fresh = ClipContextAttention(16, head_dim=8, groups=4, max_relative_position=2)
+    with torch.no_grad():
+        assert torch.equal(fresh(x, frames), x)
+        assert torch.equal(fresh(x[:1], 1), x[:1])
+        for layer in (randomize(fresh), randomize(TemporalAttention(16, head_dim=8, groups=4, max_relative_position=2))):
+            layer.norm = torch.nn.Identity()  # GroupNorm's frame statistics would carry any change everywhere
+            change = (layer(moved, frames) - layer(x, frames))[-1, :, 3, 3].abs().max()
+            if isinstance(layer, ClipContextAttention):
+                assert change > 1e-3
+            else:
+                assert change == 0
+
+
+def test_clip_context_is_a_temporal_layer_and_optional_in_config():
+    """model.clip_context adds the layer after every temporal attention; its parameters count as
+    temporal (images give them no gradient); config.json has no key for it when it is off."""
+    plain, with_context = build(), build(clip_context=True)
+    assert "clip_context" not in plain.config.to_dict()
+    assert with_context.config.to_dict()["clip_context"] is True
+    assert UNetConfig.from_dict(with_context.config.to_dict()) == with_context.config
+    extra = {n for n, _ in with_context.named_parameters()} - {n for n, _ in plain.named_parameters()}
+    assert extra and all("temporal_context" in n for n in extra)
+    blocks = [m for m in with_context.modules() if getattr(m, "temporal_attn", None) is not None]
+    assert blocks and all(b.temporal_context is not None for b in blocks)
+    model = randomize(build(clip_context=True, frame_conditioning=True)).train()
+    grads = _grads(model, frames=1)
+    assert all(g is None or not g.any() for n, g in grads.items() if "temporal_context" in n)
+    grads = _grads(model, frames=4)
+    assert all(g is not None and g.abs().sum() > 0 for n, g in grads.items() if "temporal_context" in n)
