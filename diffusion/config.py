@@ -95,11 +95,17 @@ class DiffusionConfig:
     # of B equal slices of the schedule, shuffled: the same distribution, less variance in each batch's
     # loss; Kingma et al. 2021's low-discrepancy sampler). Training only; sampling ignores it.
     timestep_sampling: str = "uniform"
+    # > 0: the loss adds this weight times the squared error of the prediction's frame-to-frame
+    # differences (process.training_losses): the same optimum (any positive-definite weighting of the
+    # error has the conditional mean as its minimiser), but errors that differ from frame to frame (a
+    # path's jitter) cost more while the model learns. Clips only; training only.
+    temporal_loss_weight: float = 0.0
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        if self.timestep_sampling == "uniform":
-            del d["timestep_sampling"]  # as before the key existed: older exports and checkpoints still match
+        for key, default in (("timestep_sampling", "uniform"), ("temporal_loss_weight", 0.0)):
+            if d[key] == default:
+                del d[key]  # as before the key existed: older exports and checkpoints still match
         return d
 
     @classmethod

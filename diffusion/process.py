@@ -27,6 +27,8 @@ class GaussianDiffusion:
             )
         if not 0.0 <= config.frame_noise_correlation < 1.0:
             raise ValueError(f"frame_noise_correlation must be in [0, 1), got {config.frame_noise_correlation}")
+        if not config.temporal_loss_weight >= 0.0:
+            raise ValueError(f"temporal_loss_weight must be >= 0, got {config.temporal_loss_weight}")
         if config.timestep_sampling not in TIMESTEP_SAMPLINGS:
             raise ValueError(
                 f"unknown timestep_sampling {config.timestep_sampling!r} (expected one of {TIMESTEP_SAMPLINGS})"
@@ -129,7 +131,9 @@ class GaussianDiffusion:
 
         frame_mask [B, T] (1 = frame counts; 0 for conditioning frames given to the model): the per-sample
         loss is the mean squared error over the contributing elements only (0 if a sample has none).
-        Returns loss [B] (weighted), mse [B] (unweighted) and t [B]."""
+        With config.temporal_loss_weight w > 0 and T > 1 the loss adds w times the mean squared error of
+        the frame-to-frame differences (out[:, :, 1:] - out[:, :, :-1] against the target's), over pairs
+        of contributing frames. Returns loss [B] (weighted), mse [B] (unweighted, the plain error) and t [B]."""
         batch = x0.shape[0]
         if t is None:
             t = self.sample_timesteps(batch, generator, x0.device)
@@ -150,7 +154,8 @@ class GaussianDiffusion:
                         self.config.prediction, model(x_t, t, **kwargs), x_t, alpha.float(), sigma.float()
                     )
         out = model(x_t, t, **kwargs)
-        err = (out.float() - self.target(x0, noise, t).float()) ** 2  # [B, C, T, h, w]
+        diff = out.float() - self.target(x0, noise, t).float()  # [B, C, T, h, w]
+        err = diff**2
 
         if frame_mask is None:
             mse = err.mean(dim=tuple(range(1, err.ndim)))
@@ -165,7 +170,19 @@ class GaussianDiffusion:
             # where(), not err * mask: a non-finite output on an excluded frame must not leak in as NaN
             masked = torch.where(mask > 0, err * mask, torch.zeros_like(err))
             mse = masked.sum(dim=(1, 2, 3, 4)) / count.clamp(min=1)  # 0 / 1 when no frame counts
-        result = {"loss": mse * self.loss_weight(t).to(mse.device), "mse": mse, "t": t}
+        loss = mse
+        weight = self.config.temporal_loss_weight
+        if weight > 0 and x0.shape[2] > 1:
+            # the error of the frame-to-frame differences, over the pairs of frames that both count
+            d_err = diff.diff(dim=2) ** 2  # [B, C, T-1, h, w]
+            if frame_mask is None:
+                d_mse = d_err.mean(dim=tuple(range(1, d_err.ndim)))
+            else:
+                pair = mask[:, :, 1:] * mask[:, :, :-1]
+                count = pair.sum(dim=(1, 2, 3, 4)) * per_frame
+                d_mse = torch.where(pair > 0, d_err * pair, torch.zeros_like(d_err)).sum(dim=(1, 2, 3, 4)) / count.clamp(min=1)
+            loss = mse + weight * d_mse
+        result = {"loss": loss * self.loss_weight(t).to(mse.device), "mse": mse, "t": t}
         if used is not None:
             result["self_conditioned"] = torch.tensor(float(used))
         return result

@@ -122,6 +122,42 @@ def test_frame_mask_excludes_conditioning_frames():
     assert empty[0] == 0 and torch.isfinite(empty).all()
 
 
+def test_temporal_loss_adds_the_error_of_frame_differences():
+    """diffusion.temporal_loss_weight w: loss = mse + w * mean((Δ_t out - Δ_t target)^2), with Δ_t the
+    difference of consecutive frames, written out here as a loop over frame pairs; a masked frame
+    drops both pairs it is in; images (T = 1) and w = 0 keep the plain loss."""
+    x0, noise = torch.randn(2, 3, 4, 5, 5), torch.randn(2, 3, 4, 5, 5)
+    out = torch.randn_like(x0)
+    t = torch.tensor([100, 700])
+
+    def losses(w, frame_mask=None, x=x0, n=noise, o=out):
+        diff = diffusion(prediction="eps", loss_weighting="none", temporal_loss_weight=w)
+        return diff.training_losses(lambda x, t: o, x, t=t, noise=n, frame_mask=frame_mask)
+
+    plain = losses(0.0)
+    torch.testing.assert_close(plain["loss"], ((out - noise) ** 2).mean(dim=(1, 2, 3, 4)))
+    for b in range(2):
+        pairs = [((out[b, :, i + 1] - out[b, :, i]) - (noise[b, :, i + 1] - noise[b, :, i])) ** 2 for i in range(3)]
+        expected = plain["mse"][b] + 0.5 * torch.stack(pairs).mean()
+        torch.testing.assert_close(losses(0.5)["loss"][b], expected)
+        # frames 0, 1 and 3 count: only the pair (0, 1) has both
+        masked = losses(0.5, torch.tensor([[1.0, 1.0, 0.0, 1.0]] * 2))
+        mse = ((out[b, :, [0, 1, 3]] - noise[b, :, [0, 1, 3]]) ** 2).mean()
+        torch.testing.assert_close(masked["loss"][b], mse + 0.5 * pairs[0].mean())
+        torch.testing.assert_close(masked["mse"][b], mse)
+    assert torch.equal(losses(0.5)["mse"], plain["mse"])  # mse stays the plain error
+    # a constant offset on every frame has no frame-to-frame error: only the plain term grows
+    shifted = losses(0.5, o=out + 1.0)["loss"] - losses(0.0, o=out + 1.0)["loss"]
+    torch.testing.assert_close(shifted, losses(0.5)["loss"] - plain["loss"])
+    image = losses(3.0, x=x0[:, :, :1], n=noise[:, :, :1], o=out[:, :, :1])
+    torch.testing.assert_close(image["loss"], image["mse"])
+    with pytest.raises(ValueError, match="temporal_loss_weight"):
+        diffusion(temporal_loss_weight=-0.1)
+    assert "temporal_loss_weight" not in DiffusionConfig().to_dict()  # config.json as before the key
+    cfg = DiffusionConfig(temporal_loss_weight=0.5)
+    assert DiffusionConfig.from_dict(cfg.to_dict()) == cfg
+
+
 def test_tiny_unet_overfits_one_clip():
     """v-prediction with min-SNR weighting (the defaults), random t and noise every step: the model
     must learn this clip. Measured on a fixed probe set (8 timesteps spanning the schedule, fixed
