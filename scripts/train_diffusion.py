@@ -325,6 +325,8 @@ def train_step(acc, model, diffusion, opt, sched, guard, cfg, vb, ib, step, text
             loss_vid = out["loss"].sum() / total
         acc.backward(_poison(loss_vid, step + 1))
         logs["loss_video"] = out["loss"].mean().item()
+        if diffusion.config.temporal_loss_weight > 0:  # the plain error, comparable with runs without the term
+            logs["mse_video"] = out["mse"].mean().item()
         if not acc.sync_gradients:
             return None
         rt.inject_inf_gradient(model, step + 1)

@@ -229,3 +229,17 @@ def test_self_conditioned_model_trains_exports_and_samples(pipeline, tmp_path, s
     latent, _ = load_latent_file(out / "samples" / "step0000002-000.safetensors")
     assert latent.shape == (4, 8, 8, 8) and torch.isfinite(latent).all()
     assert flags == [True]  # the periodic sample fed the model its own estimates
+
+
+def test_temporal_loss_term_is_logged_and_exported(pipeline, run2, tmp_path):
+    """diffusion.temporal_loss_weight on: loss_video includes the term (above the plain error,
+    logged as mse_video); the export carries the key. Off (run2): no mse_video, key absent."""
+    out = tmp_path / "run"
+    assert train(pipeline.shards, out, "data.image_ratio=0", "diffusion.loss_weighting=none",
+                 "diffusion.temporal_loss_weight=0.5", steps=1) == 0  # fmt: skip
+    (row,) = read_metrics(out / "metrics.jsonl")
+    assert 0 < row["mse_video"] < row["loss_video"]
+    _, meta = load_diffusion_export(out / "export")
+    assert meta["diffusion_config"].temporal_loss_weight == 0.5
+    assert all("mse_video" not in r for r in read_metrics(run2 / "metrics.jsonl"))
+    assert "temporal_loss_weight" not in json.loads((run2 / "export" / "config.json").read_text())["diffusion"]
