@@ -157,32 +157,33 @@ class GaussianDiffusion:
         diff = out.float() - self.target(x0, noise, t).float()  # [B, C, T, h, w]
         err = diff**2
 
-        if frame_mask is None:
-            mse = err.mean(dim=tuple(range(1, err.ndim)))
-        else:
+        mask = None
+        if frame_mask is not None:
             if frame_mask.shape != (batch, x0.shape[2]):
                 raise ValueError(
                     f"frame_mask must be [B, T] = {(batch, x0.shape[2])}, got {tuple(frame_mask.shape)}"
                 )
             mask = frame_mask.to(err)[:, None, :, None, None]  # [B, 1, T, 1, 1]
-            per_frame = err[:, :, 0].numel() // batch  # C * h * w elements per frame
-            count = mask.sum(dim=(1, 2, 3, 4)) * per_frame
-            # where(), not err * mask: a non-finite output on an excluded frame must not leak in as NaN
-            masked = torch.where(mask > 0, err * mask, torch.zeros_like(err))
-            mse = masked.sum(dim=(1, 2, 3, 4)) / count.clamp(min=1)  # 0 / 1 when no frame counts
+        mse = _masked_frame_mean(err, mask)
         loss = mse
         weight = self.config.temporal_loss_weight
         if weight > 0 and x0.shape[2] > 1:
             # the error of the frame-to-frame differences, over the pairs of frames that both count
-            d_err = diff.diff(dim=2) ** 2  # [B, C, T-1, h, w]
-            if frame_mask is None:
-                d_mse = d_err.mean(dim=tuple(range(1, d_err.ndim)))
-            else:
-                pair = mask[:, :, 1:] * mask[:, :, :-1]
-                count = pair.sum(dim=(1, 2, 3, 4)) * per_frame
-                d_mse = torch.where(pair > 0, d_err * pair, torch.zeros_like(d_err)).sum(dim=(1, 2, 3, 4)) / count.clamp(min=1)
-            loss = mse + weight * d_mse
+            pair = None if mask is None else mask[:, :, 1:] * mask[:, :, :-1]
+            loss = mse + weight * _masked_frame_mean(diff.diff(dim=2) ** 2, pair)
         result = {"loss": loss * self.loss_weight(t).to(mse.device), "mse": mse, "t": t}
         if used is not None:
             result["self_conditioned"] = torch.tensor(float(used))
         return result
+
+
+def _masked_frame_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """values [B, C, T, h, w] -> [B]: the mean over the frames whose mask [B, 1, T, 1, 1] is > 0 (all
+    frames when mask is None); 0 for a sample with no such frame."""
+    if mask is None:
+        return values.mean(dim=tuple(range(1, values.ndim)))
+    per_frame = values[:, :, 0].numel() // values.shape[0]  # C * h * w elements per frame
+    count = mask.sum(dim=(1, 2, 3, 4)) * per_frame
+    # where(), not values * mask: a non-finite output on an excluded frame must not leak in as NaN
+    masked = torch.where(mask > 0, values * mask, torch.zeros_like(values))
+    return masked.sum(dim=(1, 2, 3, 4)) / count.clamp(min=1)  # 0 / 1 when no frame counts
