@@ -210,9 +210,9 @@ class ClipContextAttention(nn.Module):
         q = rearrange(self.q(h), "b t l (h d) -> b h (t l) d", h=self.heads)  # [B, heads, T*HW, d]
         bias = relative_position_bias(self.relative_bias, num_frames, self.max_relative_position, x.device)
         # Attention with the T keys on the rows: [B, heads, T keys, T*HW queries]. The same softmax(qk^T/√d
-        # + bias) v as SDPA with a [heads, T*HW, T] mask, 1.5-2x faster on CPU here: a matmul with only
-        # T = 8 output columns runs at a fraction of the speed of one with T*HW, and the frame bias is
-        # broadcast over a query frame's HW positions instead of materialised per position.
+        # + bias) v as SDPA with a [heads, T*HW, T] mask, 13-18% faster per layer (forward + backward) on
+        # CPU here: a matmul with only T = 8 output columns runs at a fraction of the speed of one with
+        # T*HW, and the frame bias is broadcast over a query frame's HW positions, not materialised.
         scores = torch.matmul(k, q.transpose(-1, -2)) * q.shape[-1] ** -0.5
         scores = scores.unflatten(-1, (num_frames, height * width)) + bias.transpose(-1, -2)[None, :, :, :, None].to(q.dtype)
         weights = scores.softmax(dim=2).flatten(-2)  # over the keys
