@@ -47,3 +47,29 @@ def temporal_flicker(original: torch.Tensor, recon: torch.Tensor) -> dict[str, f
     flicker = (d_rec - d_orig).abs().mean().item()
     ratio = (d_rec.abs().mean() / d_orig.abs().mean().clamp_min(1e-8)).item()
     return {"flicker": flicker, "motion_ratio": ratio}
+
+
+@torch.no_grad()
+def latent_separation(vae, probes: torch.Tensor, masks: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """How far apart stage 1 puts different objects in the space stage 2 works in.
+
+    probes [K,3,H,W] in [-1, 1] (e.g. one object per palette colour, at one place), masks [K,H,W]
+    (bool: the object's pixels), reference [N,3,H,W] (data frames). Each probe is encoded (posterior
+    mean), standardised per channel with the reference latents' mean and std (the whitening of
+    `stats.json`, which stage 2 trains in), and averaged over the latent pixels that the object covers
+    at least half of (or most of, for an object smaller than one latent pixel); returns the pairwise Euclidean distances [K,K] in units of the latent's std.
+    Two colours a few units apart are told apart by stage 2's denoiser only late in sampling, where
+    each frame decides more on its own: the pairs that switch within a clip (README, "Quality
+    benchmark")."""
+    z_ref = vae.encode(reference).mean.double()
+    mean = z_ref.mean(dim=(0, 2, 3)).view(1, -1, 1, 1)
+    std = z_ref.std(dim=(0, 2, 3), correction=0).clamp_min(1e-6).view(1, -1, 1, 1)
+    z = (vae.encode(probes).mean.double() - mean) / std  # [K, C, h, w]
+    share = F.adaptive_avg_pool2d(masks[:, None].double(), z.shape[-2:])[:, 0]  # [K, h, w]
+    best = share.flatten(1).max(dim=1).values
+    if not (best > 0).all():
+        raise ValueError("a probe's mask is empty: no object to encode")
+    # an object smaller than one latent pixel: the latent pixels it covers most
+    cover = share >= torch.minimum(best, torch.tensor(0.5, dtype=best.dtype)).view(-1, 1, 1)
+    codes = torch.stack([z[k][:, cover[k]].mean(dim=1) for k in range(len(z))])  # [K, C]
+    return torch.cdist(codes, codes)

@@ -11,7 +11,8 @@ data (training videos, seed 0, and held-out videos, seed 1) -> vae (train_autoen
 
 Evaluation, written to OUT/report.json (OUT/report-until-STAGE.json with --until before 'sample')
 and printed as JSON lines:
-- stage 1 on held-out videos: PSNR, foreground PSNR, CIELAB ΔE, object colour error (data.colour);
+- stage 1 on held-out videos: PSNR, foreground PSNR, CIELAB ΔE, object colour error (data.colour), and
+  the palette colours' latent separation (autoencoder.metrics.latent_separation);
 - `video_quality` (data.synthetic) of the samples, of the held-out data itself, of the held-out
   data with its frames shuffled (the data's frames with no motion) and of the stage-1
   reconstructions of the held-out data (what stage 2 could at best reach), all against the
@@ -205,6 +206,7 @@ def evaluate(args, out: Path, sampled: bool = True) -> dict:
             f["psnr"] = psnr(to_tensor(v)[None], to_tensor(r)[None]).item()
             fid.append(f)
     stage1 = {k: float(np.mean([f[k] for f in fid])) for k in ("psnr", "fg_psnr", "delta_e", "fg_colour_error")}
+    stage1.update(palette_separation(vae, heldout, args.radius))
 
     rows = {
         "data": video_quality(heldout, train, size=args.size),
@@ -222,6 +224,36 @@ def evaluate(args, out: Path, sampled: bool = True) -> dict:
     else:
         report["class_adherence"] = class_rows(out, sample_paths, length)
     return report
+
+
+def palette_separation(vae, videos, radius: str) -> dict:
+    """Stage 1's latent distances between the synthetic palette's colours (autoencoder.metrics.
+    latent_separation): one circle of the benchmark's mean radius per colour, centred on the
+    background, standardised with the latents of every 4th frame of `videos`. `palette_separation`
+    is the smallest distance (its pair in `palette_closest`), `palette_separation_median` the median."""
+    import cv2
+    import torch
+
+    from autoencoder.metrics import latent_separation
+    from data.synthetic import BACKGROUND, COLOUR_NAMES, PALETTE
+
+    size = videos[0].shape[2]
+    r = max(1, round(np.mean([float(x) for x in radius.split(",")]) * size))
+    probes = np.empty((len(PALETTE), size, size, 3), np.uint8)
+    probes[:] = BACKGROUND
+    for img, colour in zip(probes, PALETTE):
+        cv2.circle(img, (size // 2, size // 2), r, tuple(int(c) for c in colour), -1)
+    masks = (probes != np.array(BACKGROUND, np.uint8)).any(-1)
+
+    def tensor(x):
+        return torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+    ref = np.concatenate([v[::4] for v in videos])
+    d = latent_separation(vae, tensor(probes), torch.from_numpy(masks), tensor(ref)).numpy()
+    i, j = np.triu_indices(len(PALETTE), 1)
+    k = int(np.argmin(d[i, j]))
+    return {"palette_separation": float(d[i[k], j[k]]), "palette_separation_median": float(np.median(d[i, j])),
+            "palette_closest": f"{COLOUR_NAMES[i[k]]}/{COLOUR_NAMES[j[k]]}"}
 
 
 def class_rows(out: Path, sample_paths, length: int) -> dict:

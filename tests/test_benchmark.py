@@ -181,4 +181,8 @@ def test_quality_until_vae_scores_stage_one_only(tmp_path, capsys):
     report = json.loads((out / "report-until-vae.json").read_text())
     assert "goals" not in report and set(report["video_quality"]) == {"data", "shuffled", "stage1_recon"}
     assert report["frames_scored"] == 8 and math.isfinite(report["stage1"]["delta_e"])
+    # the palette's colours in stage 1's latent: the closest pair and the median distance (std units)
+    stage1 = report["stage1"]
+    assert 0 < stage1["palette_separation"] <= stage1["palette_separation_median"]
+    assert len(stage1["palette_closest"].split("/")) == 2
     assert (out / ".done-vae").exists() and not (out / ".done-encode").exists() and not (out / "shards").exists()
