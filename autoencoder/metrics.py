@@ -54,14 +54,16 @@ def latent_separation(vae, probes: torch.Tensor, masks: torch.Tensor, reference:
     """How far apart stage 1 puts different objects in the space stage 2 works in.
 
     probes [K,3,H,W] in [-1, 1] (e.g. one object per palette colour, at one place), masks [K,H,W]
-    (bool: the object's pixels), reference [N,3,H,W] (data frames). Each probe is encoded (posterior
-    mean), standardised per channel with the reference latents' mean and std (the whitening of
+    (bool: the object's pixels), reference [N,C,h,w] (the posterior means of data frames, already
+    encoded by `vae`). Each probe is encoded (posterior mean), standardised per channel with the
+    reference latents' mean and (population) std (the whitening of
     `stats.json`, which stage 2 trains in), and averaged over the latent pixels that the object covers
-    at least half of (or most of, for an object smaller than one latent pixel); returns the pairwise Euclidean distances [K,K] in units of the latent's std.
+    at least half of (or most of, for an object smaller than one latent pixel); returns the pairwise
+    Euclidean distances [K,K] in units of the latent's std.
     Two colours a few units apart are told apart by stage 2's denoiser only late in sampling, where
     each frame decides more on its own: the pairs that switch within a clip (README, "Quality
     benchmark")."""
-    z_ref = vae.encode(reference).mean.double()
+    z_ref = reference.double()
     mean = z_ref.mean(dim=(0, 2, 3)).view(1, -1, 1, 1)
     std = z_ref.std(dim=(0, 2, 3), correction=0).clamp_min(1e-6).view(1, -1, 1, 1)
     z = (vae.encode(probes).mean.double() - mean) / std  # [K, C, h, w]

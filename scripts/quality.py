@@ -196,17 +196,18 @@ def evaluate(args, out: Path, sampled: bool = True) -> dict:
     heldout = _read_videos(sorted((out / "heldout").rglob("*.mp4")), length)
 
     vae = FrameVAE.from_pretrained(out / "vae" / "export").eval()
-    recons, fid = [], []
+    recons, fid, ref_latents = [], [], []
     with torch.no_grad():
         for v in heldout:
             mean, _ = encode_video(vae, to_tensor(v)[None], chunk_size=16)
+            ref_latents.append(mean[0, :, ::4].transpose(0, 1))  # every 4th frame: [T/4, C, h, w]
             r = to_uint8(decode_video(vae, mean, chunk_size=16)[0])
             recons.append(r)
             f = colour_fidelity(v, r)
             f["psnr"] = psnr(to_tensor(v)[None], to_tensor(r)[None]).item()
             fid.append(f)
     stage1 = {k: float(np.mean([f[k] for f in fid])) for k in ("psnr", "fg_psnr", "delta_e", "fg_colour_error")}
-    stage1.update(palette_separation(vae, heldout, args.radius))
+    stage1.update(palette_separation(vae, torch.cat(ref_latents), args.size, args.radius))
 
     rows = {
         "data": video_quality(heldout, train, size=args.size),
@@ -226,30 +227,26 @@ def evaluate(args, out: Path, sampled: bool = True) -> dict:
     return report
 
 
-def palette_separation(vae, videos, radius: str) -> dict:
+def palette_separation(vae, reference, size: int, radius: str) -> dict:
     """Stage 1's latent distances between the synthetic palette's colours (autoencoder.metrics.
     latent_separation): one circle of the benchmark's mean radius per colour, centred on the
-    background, standardised with the latents of every 4th frame of `videos`. `palette_separation`
-    is the smallest distance (its pair in `palette_closest`), `palette_separation_median` the median."""
+    background of a `size`-wide frame, standardised with `reference` (data latents [N,C,h,w]).
+    `palette_separation` is the smallest distance (its pair in `palette_closest`),
+    `palette_separation_median` the median."""
     import cv2
     import torch
 
     from autoencoder.metrics import latent_separation
     from data.synthetic import BACKGROUND, COLOUR_NAMES, PALETTE
+    from data.transforms import to_tensor
 
-    size = videos[0].shape[2]
     r = max(1, round(np.mean([float(x) for x in radius.split(",")]) * size))
     probes = np.empty((len(PALETTE), size, size, 3), np.uint8)
     probes[:] = BACKGROUND
     for img, colour in zip(probes, PALETTE):
         cv2.circle(img, (size // 2, size // 2), r, tuple(int(c) for c in colour), -1)
     masks = (probes != np.array(BACKGROUND, np.uint8)).any(-1)
-
-    def tensor(x):
-        return torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).float() / 127.5 - 1
-
-    ref = np.concatenate([v[::4] for v in videos])
-    d = latent_separation(vae, tensor(probes), torch.from_numpy(masks), tensor(ref)).numpy()
+    d = latent_separation(vae, to_tensor(probes).transpose(0, 1), torch.from_numpy(masks), reference).numpy()
     i, j = np.triu_indices(len(PALETTE), 1)
     k = int(np.argmin(d[i, j]))
     return {"palette_separation": float(d[i[k], j[k]]), "palette_separation_median": float(np.median(d[i, j])),

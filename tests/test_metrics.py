@@ -56,7 +56,8 @@ def test_latent_separation_is_distance_in_units_of_the_datas_latent_std():
     red, blue = torch.tensor([0.8, -0.6, -0.6]), torch.tensor([-0.6, -0.6, 0.8])
     frames = torch.stack([c.view(3, 1, 1).expand(3, 8, 8) for c in (red, blue)])
     masks = torch.ones(2, 8, 8, dtype=torch.bool)
-    d = latent_separation(_PoolVAE(), frames, masks, frames)
+    vae = _PoolVAE()
+    d = latent_separation(vae, frames, masks, vae.encode(frames).mean)
     assert d.shape == (2, 2) and d[0, 0] == 0 and d[1, 1] == 0
     assert torch.allclose(d[0, 1], torch.tensor(8.0, dtype=d.dtype).sqrt()) and d[0, 1] == d[1, 0]
 
@@ -72,19 +73,22 @@ def test_latent_separation_sees_colours_that_one_latent_direction_holds():
     probes[:, :, 4:12, 4:12] = torch.stack(colours).view(3, 3, 1, 1)
     masks[:, 4:12, 4:12] = True
     reference = torch.cat([probes, background.expand(5, 3, 16, 16)])
-    d = latent_separation(_PoolVAE(), probes, masks, reference)
+    vae = _PoolVAE()
+    d = latent_separation(vae, probes, masks, vae.encode(reference).mean)
     off = d[torch.triu(torch.ones(3, 3, dtype=torch.bool), 1)]
     assert (off > 1).all()
-    scaled = latent_separation(_PoolVAE(lambda z: 10 * z + 3), probes, masks, reference)
+    scaled_vae = _PoolVAE(lambda z: 10 * z + 3)
+    scaled = latent_separation(scaled_vae, probes, masks, scaled_vae.encode(reference).mean)
     torch.testing.assert_close(scaled, d)
     # colour-blind: the latent says where the object is, not its colour
-    blind = latent_separation(_PoolVAE(lambda z: (z - background.view(1, 3, 1, 1).mean()).abs().amax(1, keepdim=True)
-                                       .gt(0.2).double().expand_as(z)), probes, masks, reference)
+    blind_vae = _PoolVAE(lambda z: (z - background.view(1, 3, 1, 1).mean()).abs().amax(1, keepdim=True)
+                         .gt(0.2).double().expand_as(z))
+    blind = latent_separation(blind_vae, probes, masks, blind_vae.encode(reference).mean)
     assert blind.abs().max() < 1e-9
     small = torch.zeros(3, 16, 16, dtype=torch.bool)
     small[:, 6:8, 6:8] = True  # 2x2 pixels: a quarter of one 4x4 latent pixel
     tiny = background.expand(3, 3, 16, 16).clone()
     tiny[:, :, 6:8, 6:8] = torch.stack(colours).view(3, 3, 1, 1)
-    assert (latent_separation(_PoolVAE(), tiny, small, reference)[0, 1:] > 0).all()
+    assert (latent_separation(vae, tiny, small, vae.encode(reference).mean)[0, 1:] > 0).all()
     with pytest.raises(ValueError, match="mask is empty"):
-        latent_separation(_PoolVAE(), probes, torch.zeros_like(masks), reference)
+        latent_separation(vae, probes, torch.zeros_like(masks), vae.encode(reference).mean)
