@@ -324,3 +324,24 @@ def classifier_free_guidance(model: Model, scale: float, null_label: int | None 
         return out
 
     return guided
+
+
+def autoguidance(model: Model, guide: Model, scale: float) -> Model:
+    """Autoguidance (Karras et al. 2024, "Guiding a diffusion model with a bad version of itself"):
+    guide + scale (model - guide) on the raw output, where `guide` is a weaker model of the same
+    task and conditions (here: an earlier checkpoint of the same run). Where the guide errs more
+    than the model (in-between modes it has not yet separated), the difference pushes the sample
+    away from its error, towards the modes the better model found; unlike classifier-free guidance
+    it needs no condition and does not trade variety for it. Both get the same inputs (class
+    labels, text, frame conditions, self-conditioning estimate). scale == 1 is the model alone (one
+    call). Composes with `classifier_free_guidance` (wrap this one first): each half of a CFG call
+    is then autoguided."""
+    if scale == 1:
+        return model
+
+    def guided(x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+        out = model(x, t, **cond)
+        weak = guide(x, t, **cond)
+        return weak + scale * (out - weak)
+
+    return guided

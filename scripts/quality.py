@@ -76,6 +76,9 @@ def parse_args(argv):
     p.add_argument("--guidance-interval", default="0,1", metavar="LO,HI",
                    help="guidance only at the steps with LO <= t / num_timesteps <= HI (scripts.sample; "
                    "default 0,1: every step)")
+    p.add_argument("--autoguidance-scale", type=float, default=None,
+                   help="autoguidance by the run's checkpoint before its last step (scripts.sample --autoguide; "
+                   "default 2 for the class-conditional model, 1 (off) with --text; README \"Autoguidance\")")
     p.add_argument("--text", action="store_true",
                    help="text-to-video: a text-only model on the videos' captions (a built-in tiny T5 encoder), sampled "
                    "on prompts that are new combinations of colour, shape and direction, scored for prompt adherence")
@@ -92,16 +95,46 @@ def parse_args(argv):
     args.num_samples = args.num_samples or (48 if args.text else 32)
     if args.guidance_scale is None:
         args.guidance_scale = 3.0 if args.text else 1.0
+    if args.autoguidance_scale is None:
+        args.autoguidance_scale = 1.0 if args.text else AUTOGUIDANCE
     if args.quick:
         args.num_videos, args.heldout_videos, args.num_samples = 12, 6, 3
         args.size, args.frames, args.sample_steps = 32, 8, 4
         args.encode_set = ["encode.clip_len=8", *args.encode_set]
         args.vae_set = ["train.max_steps=4", "val.every=0", "train.batch_size=4", "loss.lpips_pretrained=false",
                         *args.vae_set]
-        args.diffusion_set = ["train.max_steps=4", "train.batch_size=2", "model.base_channels=16",
+        args.diffusion_set = ["train.max_steps=4", "train.checkpoint_every=2", "train.batch_size=2", "model.base_channels=16",
                               "model.channel_mult=[1]", "model.head_dim=16", "model.norm_groups=8",
                               "data.shuffle_buffer=4", *args.diffusion_set]
     return args
+
+
+# Autoguidance (Karras et al. 2024) by the checkpoint a quarter of the run before the export (step 3000
+# of 4000): on the three train seeds' models, colour match 100 / 100 / 97% against 88 / 100 / 91%
+# without (README "Autoguidance"), at twice the sampling time.
+AUTOGUIDANCE = 2.0
+
+
+def guide_checkpoint(diff: Path) -> Path:
+    """The checkpoint the samples are autoguided by: the run's newest complete checkpoint before
+    its last step (train.max_steps in DIR/config.yaml; the export is that step's EMA)."""
+    import yaml
+
+    last = int(yaml.safe_load((diff / "config.yaml").read_text())["train"]["max_steps"])
+    found = sorted((int(p.name.split("-")[1]), p) for p in (diff / "checkpoints").glob("step-*")
+                   if (p / "COMPLETE").is_file() and p.name.split("-")[1].isdigit())
+    earlier = [p for step, p in found if step < last]
+    if not earlier:
+        raise SystemExit(f"[quality] autoguidance needs a checkpoint of {diff} before step {last}; none is left "
+                         "(train.checkpoint_every / keep_checkpoints); pass --autoguidance-scale 1")
+    return earlier[-1]
+
+
+def autoguide_args(args, diff: Path) -> list[str]:
+    """scripts.sample's autoguidance flags for this run (none at scale 1)."""
+    if args.autoguidance_scale == 1:
+        return []
+    return ["--autoguide", str(guide_checkpoint(diff)), "--autoguidance-scale", str(args.autoguidance_scale)]
 
 
 def unseen_prompts(seen: set[str], n: int) -> list[str]:
@@ -342,7 +375,8 @@ def add_text_stages(args, out: Path, plan: dict) -> None:
                                        "--sampler", args.sampler, "--steps", str(args.sample_steps),
                                        "--guidance-scale", str(args.guidance_scale),
                                        "--guidance-interval", args.guidance_interval, "--output-dir",
-                                       str(out / "samples"), "--format", "mp4", "--prompts", str(out / "prompts.txt")]),
+                                       str(out / "samples"), "--format", "mp4", "--prompts", str(out / "prompts.txt"),
+                                       *autoguide_args(args, out / "diffusion")]),
     })
     if args.baseline_run is not None:
         plan["baseline_sample"] = lambda: sample_baseline(args, out)
@@ -374,7 +408,7 @@ def main(argv=None) -> int:
                                        "--num-samples", str(args.num_samples), "--sampler", args.sampler,
                                        "--steps", str(args.sample_steps), "--guidance-scale", str(args.guidance_scale),
                                        "--guidance-interval", args.guidance_interval,
-                                       "--output-dir", str(smp), "--format", "mp4"]),
+                                       "--output-dir", str(smp), "--format", "mp4", *autoguide_args(args, diff)]),
     }
     if args.text:
         add_text_stages(args, out, plan)

@@ -18,6 +18,12 @@ frames between are sampled in sliding windows by --interpolator (default: --chec
 LO <= t / num_timesteps <= HI (1 is pure noise; Kynkaanniemi et al. 2024); the conditional model
 alone, at the cost of one call, at the others. Default 0,1: every step.
 
+--autoguide GUIDE [--autoguidance-scale W]: autoguidance (Karras et al. 2024) of --checkpoint's
+stage: each step uses guide + W (model - guide), GUIDE a weaker version of the same model -- an
+earlier checkpoint of its run (RUN/checkpoints/step-N) or an export trained on the same latents.
+It pushes samples off the in-between colours and shapes a shorter-trained model still makes; it
+costs a second model call per step (README "Autoguidance").
+
 --upsample SR_EXPORT: a spatial super-resolution stage (trained with sr.low_res_shards) upsamples
 what the stages before made, or, without --checkpoint, --latents / --init-video. Each written
 latent file records every stage (`cascade`: the export, and what it did).
@@ -55,6 +61,10 @@ class SampleConfig:
     known_frames: int = 0
     method: str = "auto"  # condition (frame-conditioning inputs), reconstruction (guidance), auto: condition if the model has it
     guidance_weight: float = 2.0  # w_r of reconstruction guidance
+    # autoguidance (Karras et al. 2024): a weaker model of the same run -- an export, or a training checkpoint
+    # folder (RUN/checkpoints/step-N, its EMA) -- guides --checkpoint's stage at this scale ('' / 1: off)
+    autoguide: str = ""
+    autoguidance_scale: float = 2.0
     autoencoder: str = ""  # VAE export to decode with ('' = the one recorded in the export, if present)
     formats: list[str] = field(default_factory=lambda: ["mp4"])
     upscale: int = 1  # nearest-neighbour upscaling of written videos (small demo frames)
@@ -77,7 +87,7 @@ FLAGS = {"checkpoint": str, "num_samples": int, "frames": int, "classes": str, "
          "method": str, "autoencoder": str, "formats": str, "device": str, "upscale": int, "eta": float,
          "overlap": int, "guidance_weight": float, "interpolate": int, "latents": str, "interpolator": str,
          "upsample": str, "upsample_aug": float, "upsample_steps": int, "upsample_sampler": str,
-         "upsample_window": int}
+         "upsample_window": int, "autoguide": str, "autoguidance_scale": float}
 
 
 def parse_args(argv):
@@ -304,6 +314,11 @@ def base_stage(cfg: SampleConfig, args, device) -> Made:
     texts = [prompts[i % len(prompts)] for i in range(cfg.num_samples)] if prompts else [None] * cfg.num_samples
     text, negative = _encode_prompts(cfg, cfg.checkpoint, meta, texts)
     vae, _ = find_autoencoder(cfg, meta)  # checked before sampling; decoding reuses it (Made.vae)
+    guide = None
+    if cfg.autoguide and cfg.autoguidance_scale != 1:
+        from scripts.runtime.export import load_guide
+
+        guide = load_guide(Path(cfg.autoguide), meta, map_location=device)
     window = lat.get("clip_len") or 16
     chain_interp = cfg.interpolate and not cfg.init_video and not files
     if cfg.interpolate and cfg.interpolate < 1:
@@ -326,10 +341,13 @@ def base_stage(cfg: SampleConfig, args, device) -> Made:
                             overlap=cfg.overlap or None, known=known, method=_method(cfg, unet_cfg),
                             guidance_weight=cfg.guidance_weight, device=device, progress=True, text=text,
                             negative_text=negative, interpolate=cfg.interpolate if interp_here else 0,
-                            guidance_interval=_interval(cfg))
+                            guidance_interval=_interval(cfg), guide=guide,
+                            autoguidance_scale=cfg.autoguidance_scale)
     stage = {"stage": "interpolate" if interp_here else "base", "export": str(Path(cfg.checkpoint).resolve()),
              "frames": made.latents.shape[2], "sampler": cfg.sampler, "steps": cfg.steps,
              "guidance_scale": cfg.guidance_scale, "guidance_interval": list(_interval(cfg))}
+    if guide is not None:
+        stage.update(autoguide=str(Path(cfg.autoguide).resolve()), autoguidance_scale=cfg.autoguidance_scale)
     if interp_here:
         stage["factor"] = cfg.interpolate
     made.cascade.append(stage)
@@ -462,6 +480,8 @@ def run(args) -> list[Path]:
     if cfg.interpolator and not (cfg.checkpoint and cfg.interpolate):
         raise ConfigError("--interpolator is the model of --interpolate K after --checkpoint's samples")
     _interval(cfg)  # a bad --guidance-interval stops here, before any model is loaded
+    if cfg.autoguide and not cfg.checkpoint:
+        raise ConfigError("--autoguide guides --checkpoint's stage: pass --checkpoint too")
     out = Path(args.output_dir)
     device = pick_device(cfg.device)
     made = base_stage(cfg, args, device) if cfg.checkpoint else None

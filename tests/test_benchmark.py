@@ -104,6 +104,14 @@ def test_quality_bench_runs_end_to_end_through_the_command_lines(tmp_path, capsy
     assert math.isfinite(report["stage1"]["delta_e"]) and report["frames_scored"] == 8
     # class-conditional: sampled without guidance by default, scored for the asked class's shape
     assert report["settings"]["guidance_scale"] == 1.0
+    # autoguided by the run's checkpoint before its last step (step 2 of 4), recorded in each latent file
+    from scripts.runtime.generation import load_latent_file
+
+    assert report["settings"]["autoguidance_scale"] == 2.0
+    for lat in sorted((out / "samples").glob("*.safetensors")):
+        stage = load_latent_file(lat)[1]["cascade"][0]
+        assert stage["autoguide"] == str((out / "diffusion" / "checkpoints" / "step-0000002").resolve())
+        assert stage["autoguidance_scale"] == 2.0
     classes = report["class_adherence"]
     # (at the quick run's 32 px the objects are 3-4 px across: the detector reads 11 of 12 right)
     assert classes["training_videos"]["videos"] == 12 and classes["training_videos"]["shape"] >= 0.75
@@ -120,7 +128,6 @@ def test_quality_bench_runs_end_to_end_through_the_command_lines(tmp_path, capsy
     # --text: a text-only model on the captions, sampled on prompts no training video has, scored for
     # prompt adherence beside the detector on the training videos and the class-conditional baseline
     from scripts import quality
-    from scripts.runtime.generation import load_latent_file
 
     text = tmp_path / "text"
     assert quality.main(["--quick", "--text", "--output-dir", str(text), "--baseline-run", str(out)]) == 0
@@ -129,6 +136,7 @@ def test_quality_bench_runs_end_to_end_through_the_command_lines(tmp_path, capsy
     assert len(prompts) == 3 and not seen & set(prompts) and len(seen) == 12
     lat = sorted((text / "samples").glob("*.safetensors"))
     assert [load_latent_file(p)[1]["prompt"] for p in lat] == prompts
+    assert not any("autoguide" in load_latent_file(p)[1]["cascade"][0] for p in lat)  # text: off by default
     text_report = json.loads((text / "report.json").read_text())
     assert text_report["settings"]["guidance_scale"] == 3.0 and "class_adherence" not in text_report
     rows = text_report["prompt_adherence"]

@@ -225,3 +225,72 @@ def test_guidance_interval_gates_guidance_by_timestep_and_is_recorded(pipeline, 
     err = capsys.readouterr().err
     assert "--guidance-interval" in err and "0.8,0.2" in err and "Traceback" not in err
     assert not list((tmp_path / "bad").glob("*.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def four_step_run(pipeline, tmp_path_factory):
+    """A 4-step run of the tiny config: checkpoints at steps 2 and 4, the export = step 4's EMA."""
+    out = tmp_path_factory.mktemp("diff4") / "run"
+    argv = ["--config", str(DIFF_TINY), "--shards", str(pipeline.shards), "--output-dir", str(out), "--max-steps", "4"]
+    assert train_diffusion.main(argv) == 0
+    return out
+
+
+def test_autoguidance_by_an_earlier_checkpoint_or_export_changes_samples_and_is_recorded(pipeline, export, four_step_run,
+                                                                                          tmp_path, capsys):
+    """Guided by the run's own last checkpoint (the export's weights), autoguidance is exactly no
+    guidance; by the step-2 checkpoint, or by another export on the same latents, it changes the
+    samples, and the guide and scale are recorded; scale 1 is no guidance."""
+    ckpts = four_step_run / "checkpoints"
+
+    def run(name, *extra):
+        argv = ["--checkpoint", str(four_step_run / "export"), "--num-samples", "2", "--output-dir", str(tmp_path / name),
+                *FAST, "--guidance-scale", "1", *extra]
+        assert sample.main(argv) == 0, capsys.readouterr().err
+        return load_latent_file(tmp_path / name / "sample-001-square.safetensors")
+
+    plain, meta_plain = run("plain")
+    same, _ = run("same", "--autoguide", str(ckpts / "step-0000004"), "--autoguidance-scale", "3")
+    early, meta = run("early", "--autoguide", str(ckpts / "step-0000002"), "--autoguidance-scale", "3")
+    other, _ = run("other", "--autoguide", str(export), "--autoguidance-scale", "3")
+    off, _ = run("off", "--autoguide", str(ckpts / "step-0000002"), "--autoguidance-scale", "1")
+    assert torch.equal(same, plain) and torch.equal(off, plain)
+    assert (early - plain).abs().max() > 1e-3 and (other - plain).abs().max() > 1e-3
+    assert "autoguide" not in meta_plain["cascade"][0]
+    assert meta["cascade"][0]["autoguide"] == str((ckpts / "step-0000002").resolve())
+    assert meta["cascade"][0]["autoguidance_scale"] == 3.0
+
+
+def test_autoguidance_refuses_guides_of_another_model(pipeline, four_step_run, tmp_path, capsys):
+    """A checkpoint written for another architecture, an export with other diffusion settings, an
+    incomplete checkpoint, a folder that is neither, and --autoguide without --checkpoint: one clear
+    line each, exit 2, nothing written."""
+    import shutil
+
+    wide = tmp_path / "wide"
+    assert train_diffusion.main(["--config", str(DIFF_TINY), "--shards", str(pipeline.shards), "--output-dir", str(wide),
+                                 "--max-steps", "2", "model.base_channels=24"]) == 0
+    shifted = tmp_path / "shifted"
+    assert train_diffusion.main(["--config", str(DIFF_TINY), "--shards", str(pipeline.shards), "--output-dir",
+                                 str(shifted), "--max-steps", "2", "diffusion.schedule_shift=2.0"]) == 0
+    incomplete = tmp_path / "incomplete"
+    shutil.copytree(four_step_run / "checkpoints" / "step-0000002", incomplete)
+    (incomplete / "COMPLETE").unlink()
+    cases = {
+        "wide": (wide / "checkpoints" / "step-0000002", ["another model", "model_config", "base_channels"]),
+        "shifted": (shifted / "export", ["not a weaker version", "diffusion settings"]),
+        "incomplete": (incomplete, ["incomplete"]),
+        "neither": (pipeline.shards, ["neither a diffusion export", "checkpoint folder"]),
+    }
+    capsys.readouterr()
+    for name, (guide, words) in cases.items():
+        argv = ["--checkpoint", str(four_step_run / "export"), "--num-samples", "1", "--output-dir",
+                str(tmp_path / f"out-{name}"), *FAST, "--autoguide", str(guide)]
+        assert sample.main(argv) == 2, name
+        err = capsys.readouterr().err
+        assert all(w in err for w in words) and str(guide) in err and "Traceback" not in err, (name, err)
+        assert not list((tmp_path / f"out-{name}").glob("*.safetensors"))
+    argv = ["--upsample", str(four_step_run / "export"), "--latents", str(tmp_path), "--output-dir",
+            str(tmp_path / "out-nockpt"), "--autoguide", str(four_step_run / "checkpoints" / "step-0000002")]
+    assert sample.main(argv) == 2
+    assert "--autoguide guides --checkpoint's stage" in capsys.readouterr().err

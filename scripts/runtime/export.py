@@ -100,3 +100,57 @@ def load_diffusion_export(folder: Path, map_location="cpu") -> tuple[UNet3D, dic
         raise ValueError(f"{folder}: weights do not match the architecture in config.json: {bad[:5]}")
     model.load_state_dict(state)
     return model.to(map_location).eval(), meta
+
+
+def load_guide(path: Path, meta: dict, map_location="cpu") -> UNet3D:
+    """The weaker model autoguidance (`diffusion.sampling.autoguidance`) guides with, for the export
+    whose config.json contents are `meta` (as `load_diffusion_export` returns them).
+
+    `path` is either another diffusion export (a smaller or shorter-trained model: it must share
+    the latent space, the schedule and prediction, the classes, text encoder and conditioning
+    inputs), or a training checkpoint folder (`DIR/checkpoints/step-N`, its EMA weights), which
+    must have been written for this export's architecture and diffusion settings."""
+    path = Path(path)
+    if (path / "config.json").is_file():
+        guide, gmeta = load_diffusion_export(path, map_location)
+        g_ucfg, ucfg = gmeta["unet_config"], meta["unet_config"]
+        checks = {
+            "latent shape": (gmeta["latent"].get("shape"), meta["latent"].get("shape")),
+            "autoencoder": ((gmeta.get("autoencoder") or {}).get("weights_sha256"),
+                            (meta.get("autoencoder") or {}).get("weights_sha256")),
+            "diffusion settings": (gmeta["diffusion"], meta["diffusion"]),
+            "class names": (gmeta.get("class_names"), meta.get("class_names")),
+            "text encoder": ((gmeta.get("text_encoder") or {}).get("weights_sha256"),
+                             (meta.get("text_encoder") or {}).get("weights_sha256")),
+            "conditioning inputs": ([g_ucfg.num_classes, g_ucfg.text_dim, g_ucfg.frame_conditioning, g_ucfg.self_condition],
+                                    [ucfg.num_classes, ucfg.text_dim, ucfg.frame_conditioning, ucfg.self_condition]),
+        }
+        bad = [name for name, (a, b) in checks.items() if a != b]
+        if bad:
+            raise ValueError(f"--autoguide {path}: not a weaker version of this model (its {', '.join(bad)} differ); "
+                             "guide with an export trained on the same latents and settings, or a checkpoint of this run")
+        return guide
+    weights = path / "ema.safetensors"
+    if not (path / "trainer.json").is_file() or not weights.is_file():
+        raise FileNotFoundError(f"--autoguide {path}: neither a diffusion export (config.json) nor a training "
+                                "checkpoint folder (trainer.json + ema.safetensors, e.g. RUN/checkpoints/step-0003000)")
+    if not (path / "COMPLETE").is_file():
+        raise ValueError(f"--autoguide {path}: the checkpoint is incomplete (no COMPLETE marker: written when the "
+                         "run was stopped?)")
+    try:
+        saved = json.loads((path / "trainer.json").read_text())
+    except ValueError as e:
+        raise ValueError(f"{path / 'trainer.json'}: not valid JSON ({e})") from None
+    for key, current in (("model_config", meta["unet"]), ("diffusion_config", meta["diffusion"])):
+        if saved.get(key) != current:
+            diff = sorted(k for k in {*(saved.get(key) or {}), *current} if (saved.get(key) or {}).get(k) != current.get(k))
+            raise ValueError(f"--autoguide {path}: the checkpoint was written for another model ({key} differs: "
+                             f"{', '.join(diff) or 'missing'}); pass a checkpoint of the run this export came from")
+    guide = UNet3D(meta["unet_config"])
+    state = load_file(str(weights))
+    expected = guide.state_dict()
+    bad = sorted(set(expected) ^ set(state)) + [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    if bad:
+        raise ValueError(f"--autoguide {weights}: weights do not match this export's architecture: {bad[:5]}")
+    guide.load_state_dict(state)
+    return guide.to(map_location).eval()

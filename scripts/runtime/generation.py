@@ -27,7 +27,7 @@ from diffusion.guidance import (
     reconstruction_guided,
     replace_known,
 )
-from diffusion.sampling import classifier_free_guidance, sample
+from diffusion.sampling import autoguidance, classifier_free_guidance, sample
 from diffusion.schedules import make_alphas_cumprod
 
 FORMATS = ("mp4", "gif", "png")
@@ -45,8 +45,13 @@ def generate(model, unet_cfg, diff_cfg, *, num: int, frames: int, latent_shape, 
              batch_size: int = 8, window: int | None = None, overlap: int | None = None, known=None,
              method: str = "condition", guidance_weight: float = 2.0, device="cpu", progress=False,
              text=None, negative_text=None, interpolate: int = 0, low_res=None, aug_level: int = 0,
-             guidance_interval: tuple[float, float] | None = None) -> torch.Tensor:
+             guidance_interval: tuple[float, float] | None = None, guide=None,
+             autoguidance_scale: float = 1.0) -> torch.Tensor:
     """Whitened latents [num, C, frames, h, w].
+
+    `guide`: a weaker model (`scripts.runtime.export.load_guide`) for autoguidance at
+    `autoguidance_scale` (`diffusion.sampling.autoguidance`; 1: off), inside any classifier-free
+    guidance.
 
     `guidance_interval` (lo, hi), fractions of the schedule: classifier-free guidance only at the
     steps whose timestep t has lo <= t / num_timesteps <= hi (None or (0, 1): at every step).
@@ -97,9 +102,10 @@ def generate(model, unet_cfg, diff_cfg, *, num: int, frames: int, latent_shape, 
             cond = ({} if lab is None else {"class_labels": lab}) | (txt or {})
             if low is not None:
                 cond.update(low_res=low[:, :, frames], aug_level=torch.full((n,), aug_level, device=device))
-            net = model
+            base = model if guide is None else autoguidance(model, guide, autoguidance_scale)
+            net = base
             if ((unet_cfg.num_classes and lab is not None) or txt) and guidance_scale != 1.0:
-                net = classifier_free_guidance(model, guidance_scale, null_label=unet_cfg.num_classes or None,
+                net = classifier_free_guidance(base, guidance_scale, null_label=unet_cfg.num_classes or None,
                                                negative_text=negative_text, interval=interval)
             if method == "reconstruction" and mask.any():
                 net = reconstruction_guided(net, context, mask, ab, diff_cfg.prediction, guidance_weight)
