@@ -5,6 +5,8 @@ import json
 import math
 import sys
 
+import pytest
+
 from scripts import benchmark
 from scripts.runtime.reference import model_section, unet_block_types
 
@@ -104,14 +106,11 @@ def test_quality_bench_runs_end_to_end_through_the_command_lines(tmp_path, capsy
     assert math.isfinite(report["stage1"]["delta_e"]) and report["frames_scored"] == 8
     # class-conditional: sampled without guidance by default, scored for the asked class's shape
     assert report["settings"]["guidance_scale"] == 1.0
-    # autoguided by the run's checkpoint before its last step (step 2 of 4), recorded in each latent file
+    # not autoguided by default (README "Autoguidance"): nothing recorded in the latent files
     from scripts.runtime.generation import load_latent_file
 
-    assert report["settings"]["autoguidance_scale"] == 2.0
-    for lat in sorted((out / "samples").glob("*.safetensors")):
-        stage = load_latent_file(lat)[1]["cascade"][0]
-        assert stage["autoguide"] == str((out / "diffusion" / "checkpoints" / "step-0000002").resolve())
-        assert stage["autoguidance_scale"] == 2.0
+    assert report["settings"]["autoguidance_scale"] == 1.0
+    assert not any("autoguide" in load_latent_file(p)[1]["cascade"][0] for p in (out / "samples").glob("*.safetensors"))
     classes = report["class_adherence"]
     # (at the quick run's 32 px the objects are 3-4 px across: the detector reads 11 of 12 right)
     assert classes["training_videos"]["videos"] == 12 and classes["training_videos"]["shape"] >= 0.75
@@ -194,3 +193,30 @@ def test_quality_until_vae_scores_stage_one_only(tmp_path, capsys):
     assert 0 < stage1["palette_separation"] <= stage1["palette_separation_median"]
     assert len(stage1["palette_closest"].split("/")) == 2
     assert (out / ".done-vae").exists() and not (out / ".done-encode").exists() and not (out / "shards").exists()
+
+
+def test_quality_guide_is_the_newest_complete_checkpoint_before_the_last_step(tmp_path):
+    """Autoguidance's guide: the newest complete checkpoint before train.max_steps (not the last
+    step's own, whose EMA the export is; not one without its COMPLETE marker); none: a clear stop
+    naming the way out."""
+    from scripts import quality
+
+    diff = tmp_path / "diffusion"
+    (diff / "checkpoints").mkdir(parents=True)
+    (diff / "config.yaml").write_text("train:\n  max_steps: 4000\n")
+    for step, complete in ((2000, True), (3000, True), (3500, False), (4000, True)):
+        d = diff / "checkpoints" / f"step-{step:07d}"
+        d.mkdir()
+        if complete:
+            (d / "COMPLETE").write_text("")
+    assert quality.guide_checkpoint(diff) == diff / "checkpoints" / "step-0003000"
+    args = quality.parse_args(["--output-dir", str(tmp_path), "--autoguidance-scale", "2"])
+    assert quality.parse_args([]).autoguidance_scale == 1.0  # off by default
+    assert quality.autoguide_args(args, diff) == ["--autoguide", str(diff / "checkpoints" / "step-0003000"),
+                                                  "--autoguidance-scale", "2.0"]
+    args.autoguidance_scale = 1.0
+    assert quality.autoguide_args(args, diff) == []
+    for step in (2000, 3000):
+        (diff / "checkpoints" / f"step-{step:07d}" / "COMPLETE").unlink()
+    with pytest.raises(SystemExit, match="before step 4000.*--autoguidance-scale 1"):
+        quality.guide_checkpoint(diff)
