@@ -14,6 +14,7 @@ from data.remote import is_remote
 from data.stats import load_stats
 from diffusion.config import DiffusionConfig, UNetConfig
 from diffusion.unet3d import UNet3D
+from scripts.runtime.checkpoint import verify_checkpoint
 
 TEXT_ENCODER_DIR = "text_encoder"
 MODEL_TYPE = "UNet3D"
@@ -92,14 +93,21 @@ def load_diffusion_export(folder: Path, map_location="cpu") -> tuple[UNet3D, dic
     meta["unet_config"] = unet_cfg
     if sha256_file(folder / "model.safetensors") != meta.get("weights_sha256"):
         raise ValueError(f"{folder}: model.safetensors does not match the weights_sha256 in config.json")
-    model = UNet3D(unet_cfg)
-    state = load_file(str(folder / "model.safetensors"))
+    model = _with_weights(UNet3D(unet_cfg), folder / "model.safetensors",
+                          f"{folder}: weights do not match the architecture in config.json")
+    return model.to(map_location).eval(), meta
+
+
+def _with_weights(model: UNet3D, weights: Path, what: str) -> UNet3D:
+    """`model` with the safetensors `weights` loaded; ValueError `what: [keys]` naming the first
+    missing, unexpected or differently shaped tensors."""
+    state = load_file(str(weights))
     expected = model.state_dict()
     bad = sorted(set(expected) ^ set(state)) + [k for k in expected if k in state and state[k].shape != expected[k].shape]
     if bad:
-        raise ValueError(f"{folder}: weights do not match the architecture in config.json: {bad[:5]}")
+        raise ValueError(f"{what}: {bad[:5]}")
     model.load_state_dict(state)
-    return model.to(map_location).eval(), meta
+    return model
 
 
 def load_guide(path: Path, meta: dict, map_location="cpu") -> UNet3D:
@@ -134,9 +142,9 @@ def load_guide(path: Path, meta: dict, map_location="cpu") -> UNet3D:
     if not (path / "trainer.json").is_file() or not weights.is_file():
         raise FileNotFoundError(f"--autoguide {path}: neither a diffusion export (config.json) nor a training "
                                 "checkpoint folder (trainer.json + ema.safetensors, e.g. RUN/checkpoints/step-0003000)")
-    if not (path / "COMPLETE").is_file():
-        raise ValueError(f"--autoguide {path}: the checkpoint is incomplete (no COMPLETE marker: written when the "
-                         "run was stopped?)")
+    problem = verify_checkpoint(path)
+    if problem is not None:
+        raise ValueError(f"--autoguide {path}: the checkpoint is incomplete or damaged ({problem})")
     try:
         saved = json.loads((path / "trainer.json").read_text())
     except ValueError as e:
@@ -146,11 +154,6 @@ def load_guide(path: Path, meta: dict, map_location="cpu") -> UNet3D:
             diff = sorted(k for k in {*(saved.get(key) or {}), *current} if (saved.get(key) or {}).get(k) != current.get(k))
             raise ValueError(f"--autoguide {path}: the checkpoint was written for another model ({key} differs: "
                              f"{', '.join(diff) or 'missing'}); pass a checkpoint of the run this export came from")
-    guide = UNet3D(meta["unet_config"])
-    state = load_file(str(weights))
-    expected = guide.state_dict()
-    bad = sorted(set(expected) ^ set(state)) + [k for k in expected if k in state and state[k].shape != expected[k].shape]
-    if bad:
-        raise ValueError(f"--autoguide {weights}: weights do not match this export's architecture: {bad[:5]}")
-    guide.load_state_dict(state)
+    guide = _with_weights(UNet3D(meta["unet_config"]), weights,
+                          f"--autoguide {weights}: weights do not match this export's architecture")
     return guide.to(map_location).eval()
