@@ -86,6 +86,11 @@ def caption_text(colour: int, shape: int, direction: int) -> str:
     return f"a {COLOUR_NAMES[colour]} {SYNTHETIC_CLASSES[shape]} moves {DIRECTIONS[direction]}"
 
 
+def caption_words() -> list[str]:
+    """Every word `caption_text` can write (the captions' closed vocabulary)."""
+    return sorted({w for phrase in ["a moves", *COLOUR_NAMES, *SYNTHETIC_CLASSES, *DIRECTIONS] for w in phrase.split()})
+
+
 def synthetic_caption(index: int, *, size: int = 64, seed: int = 0, radius: tuple[float, float] = DEFAULT_RADIUS) -> str:
     """What video `index` shows: its colour, shape and the direction of its first move (8 compass
     directions; the object keeps it until it bounces off a border)."""

@@ -10,7 +10,9 @@ Weights are read from safetensors only (`use_safetensors=True`: a folder holding
 diffusion export; `check_same_encoder` turns a mismatch into a clear error.
 
 Tests and the demo never download: `build_tiny_text_encoder` writes a small seeded T5 encoder with
-ByT5's byte-level tokenizer (no vocabulary file) to a folder, which then loads like any other."""
+ByT5's byte-level tokenizer (no vocabulary file), or with a word-level tokenizer over a given word
+list (`words=`: one token per word, as a pretrained tokenizer gives common words), to a folder,
+which then loads like any other."""
 
 from __future__ import annotations
 
@@ -93,6 +95,19 @@ class FrozenTextEncoder:
         counts = ((t, self.token_count(t)) for t in dict.fromkeys(texts))
         return [(t, n) for t, n in counts if n > self.max_length]
 
+    def unknown_words(self, texts) -> list[str]:
+        """The words of `texts` the tokenizer can only map to its unknown token (a closed word-level
+        vocabulary, e.g. the built-in encoder's with `words=`): such words never reach the model. Empty
+        for byte-level and subword tokenizers, which spell any word."""
+        unk = getattr(self.tokenizer, "unk_token_id", None)
+        if unk is None or not getattr(self.tokenizer, "is_fast", False):
+            return []  # ByT5 (slow, byte-level) spells every string; no offsets to name words by
+        found = []
+        for text in dict.fromkeys(t for t in texts if t):
+            tok = self.tokenizer(text, truncation=False, return_offsets_mapping=True, add_special_tokens=False)
+            found += [text[a:b] for i, (a, b) in zip(tok["input_ids"], tok["offset_mapping"]) if i == unk]
+        return list(dict.fromkeys(found))
+
     def truncation_warning(self, texts, what: str, key: str, advice: str = "", cut=None) -> str | None:
         """One readable line when some of `texts` are longer than max_length, else None (`cut`:
         `truncated(texts)` when the caller has it already)."""
@@ -151,21 +166,44 @@ def load_text_encoder(name: str, max_length: int = 32, device="cpu") -> FrozenTe
     return FrozenTextEncoder(model, tokenizer, name, max_length).to(device)
 
 
+def word_level_tokenizer(words):
+    """A fast tokenizer with one token per word of `words` (lower-cased, split on whitespace and
+    punctuation), "<pad>" 0, "</s>" 1 (appended, as T5's) and "<unk>" 2 for any other word; saved and
+    loaded by `transformers` like any tokenizer (tokenizer.json)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    split = pre_tokenizers.Whitespace()
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    for piece in sorted({p for w in words for p, _ in split.pre_tokenize_str(str(w).lower())}):
+        vocab.setdefault(piece, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = split
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
 def build_tiny_text_encoder(folder, *, width: int = 64, layers: int = 2, heads: int = 4, seed: int = 0,
-                            max_length: int = 32) -> FrozenTextEncoder:
-    """A small random T5 encoder (seeded) with ByT5's byte-level tokenizer, saved to `folder`: the
-    tests' and the demo's stand-in for a pretrained encoder (nothing is downloaded)."""
+                            max_length: int = 32, words=None) -> FrozenTextEncoder:
+    """A small random T5 encoder (seeded), saved to `folder`: the tests' and the demo's stand-in for a
+    pretrained encoder (nothing is downloaded). Its tokenizer is ByT5's byte-level one (one token per
+    byte), or with `words` (an iterable of words or phrases) a word-level one over them: a whole word
+    per token, as a pretrained tokenizer gives common words, so its tokens are not spelled out byte by
+    byte through random layers (README "Text-to-video")."""
     from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    config = T5Config(vocab_size=384, d_model=width, d_kv=width // heads, d_ff=2 * width, num_layers=layers,
+    tokenizer = ByT5Tokenizer() if words is None else word_level_tokenizer(words)
+    vocab_size = 384 if words is None else len(tokenizer)
+    config = T5Config(vocab_size=vocab_size, d_model=width, d_kv=width // heads, d_ff=2 * width, num_layers=layers,
                       num_heads=heads, feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1,
                       decoder_start_token_id=0, is_encoder_decoder=False, use_cache=False)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = T5EncoderModel(config)
-    enc = FrozenTextEncoder(model, ByT5Tokenizer(), str(folder), max_length)
+    enc = FrozenTextEncoder(model, tokenizer, str(folder), max_length)
     enc.save(folder)
     return load_text_encoder(str(folder), max_length)
 

@@ -82,6 +82,9 @@ def parse_args(argv):
     p.add_argument("--text", action="store_true",
                    help="text-to-video: a text-only model on the videos' captions (a built-in tiny T5 encoder), sampled "
                    "on prompts that are new combinations of colour, shape and direction, scored for prompt adherence")
+    p.add_argument("--text-tokenizer", choices=("bytes", "words"), default="bytes",
+                   help="with --text: the built-in encoder's tokenizer: bytes (ByT5's, one token per byte; the "
+                   "default) or words (one token per word of the captions' grammar; README \"Text-to-video\")")
     p.add_argument("--baseline-run", type=Path, default=None,
                    help="with --text: a class-conditional quality run folder; its model is sampled on the same "
                    "prompts' shapes and scored the same way")
@@ -179,11 +182,14 @@ TEXT_MODEL = ["model.self_condition=false", "model.clip_context=false", "train.m
               "diffusion.temporal_loss_weight=0.0"]
 
 
-def builtin_text_encoder(folder: Path) -> None:
-    """The drivers' text encoder (demo and --text): a small seeded T5, built in-process."""
+def builtin_text_encoder(folder: Path, tokenizer: str = "bytes") -> None:
+    """The drivers' text encoder (demo and --text): a small seeded T5, built in-process, with a
+    byte-level tokenizer or ("words") one token per word of the synthetic captions' grammar."""
+    from data.synthetic import caption_words
     from diffusion.text import build_tiny_text_encoder
 
-    build_tiny_text_encoder(folder, width=64, layers=2, heads=4, seed=0, max_length=BUILTIN_TEXT_LENGTH)
+    words = caption_words() if tokenizer == "words" else None
+    build_tiny_text_encoder(folder, width=64, layers=2, heads=4, seed=0, max_length=BUILTIN_TEXT_LENGTH, words=words)
 
 
 def training_captions(data: Path) -> dict[str, str]:
@@ -360,7 +366,7 @@ def add_text_stages(args, out: Path, plan: dict) -> None:
     make_data, vae = plan["data"], plan["vae"]
     plan.clear()  # rebuilt in the text pipeline's order
     plan.update({
-        "data": make_data, "captions": make_data, "vae": vae, "text_encoder": lambda: builtin_text_encoder(te),
+        "data": make_data, "captions": make_data, "vae": vae, "text_encoder": lambda: builtin_text_encoder(te, args.text_tokenizer),
         "encode": lambda: encode_latents.main(["--autoencoder", str(out / "vae" / "export"), "--data", str(data),
                                                "--output-dir", str(out / "shards"), "--config", args.encode_config,
                                                f"encode.size={args.size}", f"encode.text_encoder={te}",

@@ -161,6 +161,32 @@ def test_captions_longer_than_max_length_are_reported_where_they_are_cut(text_ru
     assert text["truncated_captions"] == sum(len(c.encode()) + 1 > 16 for c in captions) > 0
 
 
+def test_word_level_tiny_encoder_has_a_token_per_word_and_reloads_the_same(text_run, tmp_path):
+    from data.synthetic import caption_words
+
+    enc = build_tiny_text_encoder(tmp_path / "words", width=16, layers=1, heads=2, max_length=16, words=caption_words())
+    a, b = "a red circle moves to the upper left", "A red circle moves to the LOWER left"
+    ids = enc.tokenizer(a)["input_ids"]
+    assert enc.tokenizer.convert_ids_to_tokens(ids) == [*a.split(), "</s>"]  # whole words, EOS appended
+    (ea, eb), mask = enc.encode([a, b])
+    assert mask.sum(1).tolist() == [9, 9] and not enc.truncated([a, b])  # 9 tokens where bytes took 37
+    assert not torch.allclose(ea, eb)  # "upper" and "lower" are different tokens
+    again = load_text_encoder(str(tmp_path / "words"), 16)  # as an export or the shards' encoder loads it
+    assert torch.equal(again.encode([a, b])[0], enc.encode([a, b])[0])
+    assert again.fingerprint() == enc.fingerprint() and enc.fingerprint()["config"]["vocab_size"] == 3 + len(caption_words())
+    # a word outside the closed vocabulary is named (scripts.sample and encode_latents warn with it)
+    assert enc.unknown_words(["a purple circle moves sideways", a]) == ["purple", "sideways"]
+    assert enc.unknown_words([a, b]) == []
+    assert text_run.enc.unknown_words(["a purple circle"]) == []  # byte-level spells any word
+    # the quality driver's --text-tokenizer words builds its encoder this way
+    from scripts.quality import BUILTIN_TEXT_LENGTH, builtin_text_encoder
+
+    builtin_text_encoder(tmp_path / "q", "words")
+    q = load_text_encoder(str(tmp_path / "q"), BUILTIN_TEXT_LENGTH)
+    assert q.tokenizer.convert_ids_to_tokens(q.tokenizer("a cyan square moves down")["input_ids"])[:5] == \
+        ["a", "cyan", "square", "moves", "down"]
+
+
 def test_prompts_change_samples_and_same_prompt_and_seed_reproduce(text_run, tmp_path):
     from safetensors import safe_open
 
