@@ -108,6 +108,15 @@ class FrozenTextEncoder:
             found += [text[a:b] for i, (a, b) in zip(tok["input_ids"], tok["offset_mapping"]) if i == unk]
         return list(dict.fromkeys(found))
 
+    def unknown_words_warning(self, texts, what: str) -> str | None:
+        """One readable line naming the words of `texts` (e.g. "prompts") that reach the model only as
+        the unknown token (`unknown_words`), else None."""
+        unknown = self.unknown_words(texts)
+        if not unknown:
+            return None
+        return (f"the text encoder has no token for {len(unknown)} word(s) of the {what} "
+                f"({', '.join(map(repr, unknown[:8]))}): they reach the model as its unknown token")
+
     def truncation_warning(self, texts, what: str, key: str, advice: str = "", cut=None) -> str | None:
         """One readable line when some of `texts` are longer than max_length, else None (`cut`:
         `truncated(texts)` when the caller has it already)."""

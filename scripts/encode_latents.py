@@ -277,10 +277,9 @@ def run(args) -> dict:
         warning = text_encoder.truncation_warning(all_captions, "captions", "encode.text_max_length", cut=cut)
         if warning and acc.is_main_process:
             print(f"warning: {warning}", flush=True)
-        unknown = text_encoder.unknown_words(all_captions)
+        unknown = text_encoder.unknown_words_warning(all_captions, "captions")
         if unknown and acc.is_main_process:
-            print(f"warning: the text encoder has no token for {len(unknown)} word(s) of the captions "
-                  f"({', '.join(map(repr, unknown[:8]))}): they are encoded as its unknown token", flush=True)
+            print(f"warning: {unknown}", flush=True)
     units = plan_units(specs, cfg.inputs_per_video_shard(), cfg.samples_per_shard,
                        {**settings, "autoencoder": ae_info["weights_sha256"]})
     writer = ShardWriter(out)

@@ -267,10 +267,9 @@ def _encode_prompts(cfg, folder, meta, texts: list[str | None]):
                                          "shorten them: the model was trained with this length")
     if warning:
         print(f"warning: {warning}", file=sys.stderr, flush=True)
-    unknown = encoder.unknown_words([t for t in texts if t] + [cfg.negative_prompt or ""])
+    unknown = encoder.unknown_words_warning([t for t in texts if t] + [cfg.negative_prompt or ""], "prompts")
     if unknown:
-        print(f"warning: the model's text encoder has no token for {len(unknown)} word(s) of the prompts "
-              f"({', '.join(map(repr, unknown[:8]))}): they reach the model as its unknown token", file=sys.stderr, flush=True)
+        print(f"warning: {unknown}", file=sys.stderr, flush=True)
     negative = encoder.encode([cfg.negative_prompt]) if cfg.negative_prompt else None
     return encoder.encode([t or "" for t in texts]), negative
 

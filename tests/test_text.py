@@ -176,7 +176,9 @@ def test_word_level_tiny_encoder_has_a_token_per_word_and_reloads_the_same(text_
     assert again.fingerprint() == enc.fingerprint() and enc.fingerprint()["config"]["vocab_size"] == 3 + len(caption_words())
     # a word outside the closed vocabulary is named (scripts.sample and encode_latents warn with it)
     assert enc.unknown_words(["a purple circle moves sideways", a]) == ["purple", "sideways"]
-    assert enc.unknown_words([a, b]) == []
+    assert enc.unknown_words([a, b]) == [] and enc.unknown_words_warning([a, b], "prompts") is None
+    assert enc.unknown_words_warning(["a purple circle"], "prompts").startswith(
+        "the text encoder has no token for 1 word(s) of the prompts ('purple')")
     assert text_run.enc.unknown_words(["a purple circle"]) == []  # byte-level spells any word
     # the quality driver's --text-tokenizer words builds its encoder this way
     from scripts.quality import BUILTIN_TEXT_LENGTH, builtin_text_encoder
