@@ -161,7 +161,7 @@ def test_captions_longer_than_max_length_are_reported_where_they_are_cut(text_ru
     assert text["truncated_captions"] == sum(len(c.encode()) + 1 > 16 for c in captions) > 0
 
 
-def test_word_level_tiny_encoder_has_a_token_per_word_and_reloads_the_same(text_run, tmp_path):
+def test_word_level_tiny_encoder_has_a_token_per_word_and_reloads_the_same(text_run, tmp_path, capsys):
     from data.synthetic import caption_words
 
     enc = build_tiny_text_encoder(tmp_path / "words", width=16, layers=1, heads=2, max_length=16, words=caption_words())
@@ -180,6 +180,14 @@ def test_word_level_tiny_encoder_has_a_token_per_word_and_reloads_the_same(text_
     assert enc.unknown_words_warning(["a purple circle"], "prompts").startswith(
         "the text encoder has no token for 1 word(s) of the prompts ('purple')")
     assert text_run.enc.unknown_words(["a purple circle"]) == []  # byte-level spells any word
+    # training that encodes captions on the fly (no embeddings in the shards) names them too
+    from scripts.train_diffusion import CaptionText
+
+    emb, m = CaptionText(enc)({"caption": [a, "a purple circle", None]})
+    assert emb.shape == (3, 16, 16) and m.sum(1).tolist() == [9, 4, 0]
+    assert "no token for 1 word(s) of the captions ('purple')" in capsys.readouterr().out
+    CaptionText(enc)({"caption": [a, b]})
+    assert "warning" not in capsys.readouterr().out
     # the quality driver's --text-tokenizer words builds its encoder this way
     from scripts.quality import BUILTIN_TEXT_LENGTH, builtin_text_encoder
 
