@@ -128,6 +128,13 @@ class FrozenTextEncoder:
         return (f"{len(cut)} {what} longer than {key}={self.max_length} tokens lose their end (the longest, "
                 f"{n} tokens: {text!r}); {advice}")
 
+    def caption_warnings(self, texts, what: str, key: str, advice: str = "", cut=None) -> list[str]:
+        """The readable warnings about `texts` (e.g. "prompts", "captions"): those cut short at `key`
+        (`truncation_warning`), then words that reach the model only as the unknown token
+        (`unknown_words_warning`); empty when neither applies."""
+        lines = (self.truncation_warning(texts, what, key, advice, cut=cut), self.unknown_words_warning(texts, what))
+        return [w for w in lines if w]
+
     def fingerprint(self) -> dict:
         return {"name": self.name, "model_type": self.model_type, "config": _jsonable(self.model.config.to_dict()),
                 "weights_sha256": self._sha, "width": self.width, "max_length": self.max_length}

@@ -274,12 +274,9 @@ def run(args) -> dict:
         all_captions = [c for s in specs for c in (s.captions or ())]
         cut = text_encoder.truncated(all_captions)  # tokenizes every distinct caption once
         truncated = len(cut)
-        warning = text_encoder.truncation_warning(all_captions, "captions", "encode.text_max_length", cut=cut)
-        if warning and acc.is_main_process:
-            print(f"warning: {warning}", flush=True)
-        unknown = text_encoder.unknown_words_warning(all_captions, "captions")
-        if unknown and acc.is_main_process:
-            print(f"warning: {unknown}", flush=True)
+        for warning in text_encoder.caption_warnings(all_captions, "captions", "encode.text_max_length", cut=cut):
+            if acc.is_main_process:
+                print(f"warning: {warning}", flush=True)
     units = plan_units(specs, cfg.inputs_per_video_shard(), cfg.samples_per_shard,
                        {**settings, "autoencoder": ae_info["weights_sha256"]})
     writer = ShardWriter(out)

@@ -21,6 +21,9 @@ and printed as JSON lines:
 - `class_adherence` (class-conditional runs): the share of samples whose object has the shape of the
   class asked for, and of 120 training videos against their class folder (the detector's accuracy);
   with --text, `prompt_adherence` instead (colour, shape and direction against each prompt).
+- `stage1_adherence`: the same detector's colour, shape and direction on the held-out videos and on
+  stage 1's reconstructions of them, against the videos' own captions (what stage 1 keeps of what a
+  prompt asks: the ceiling of any stage 2 built on it).
 Guidance defaults to 1 (none) for the class-conditional model and 3 with --text.
 """
 
@@ -233,7 +236,8 @@ def evaluate(args, out: Path, sampled: bool = True) -> dict:
     # without samples (--until before 'sample'): as many frames as the clips stage 2 trains on
     length = min(len(v) for v in samples) if samples else _clip_len(args)
     train = _read_videos(spread(sorted((out / "data").rglob("*.mp4")), 120), length)
-    heldout = _read_videos(sorted((out / "heldout").rglob("*.mp4")), length)
+    held_paths = sorted((out / "heldout").rglob("*.mp4"))
+    heldout = _read_videos(held_paths, length)
 
     vae = FrameVAE.from_pretrained(out / "vae" / "export").eval()
     recons, fid, ref_latents = [], [], []
@@ -254,7 +258,8 @@ def evaluate(args, out: Path, sampled: bool = True) -> dict:
         "shuffled": video_quality(shuffled_frames(heldout), train, size=args.size),
         "stage1_recon": video_quality(recons, train, size=args.size),
     }
-    report = {"stage1": stage1, "video_quality": rows, "frames_scored": length}
+    report = {"stage1": stage1, "video_quality": rows, "frames_scored": length,
+              "stage1_adherence": stage1_adherence(out / "heldout", held_paths, heldout, recons)}
     if not sampled:
         return report
     rows["samples"] = video_quality([v[:length] for v in samples], train, size=args.size)
@@ -265,6 +270,21 @@ def evaluate(args, out: Path, sampled: bool = True) -> dict:
     else:
         report["class_adherence"] = class_rows(out, sample_paths, length)
     return report
+
+
+def stage1_adherence(held: Path, paths, videos, recons) -> dict:
+    """data.synthetic.prompt_adherence of the held-out `videos` (read from `paths`) and of stage 1's
+    reconstructions `recons` of them, against the videos' own captions: how often the detector still reads
+    the caption's colour, shape and direction after stage 1. Empty when a held-out video has no caption of
+    the synthetic form (a folder written before captions were)."""
+    from data.captions import load_captions
+    from data.synthetic import parse_caption, prompt_adherence
+
+    found = load_captions(held, [p.relative_to(held).as_posix() for p in paths])
+    asked = [(found.of(p.relative_to(held).as_posix()) or [None])[0] for p in paths]
+    if not asked or any(a is None or parse_caption(a) is None for a in asked):
+        return {}
+    return {"heldout_videos": prompt_adherence(videos, asked), "stage1_recon": prompt_adherence(recons, asked)}
 
 
 def palette_separation(vae, reference, size: int, radius: str) -> dict:
@@ -438,6 +458,8 @@ def main(argv=None) -> int:
               for k, v in report.get("prompt_adherence", {}).items()]
     lines += [{"bench": "quality", "part": "class_adherence", "of": k, **v}
               for k, v in report.get("class_adherence", {}).items()]
+    lines += [{"bench": "quality", "part": "stage1_adherence", "of": k, **v}
+              for k, v in report.get("stage1_adherence", {}).items()]
     lines.append({"bench": "quality", "part": "seconds", **report["seconds"]})
     sink = open(args.output, "a") if args.output else None  # noqa: SIM115 (closed below)
     try:

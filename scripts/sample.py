@@ -262,14 +262,10 @@ def _encode_prompts(cfg, folder, meta, texts: list[str | None]):
     if not meta["unet_config"].text_dim or not any(texts):
         return None, None
     encoder = load_export_text_encoder(Path(folder), meta)
-    warning = encoder.truncation_warning([t for t in texts if t] + [cfg.negative_prompt or ""], "prompts",
-                                         "the model's text.max_length",
-                                         "shorten them: the model was trained with this length")
-    if warning:
+    for warning in encoder.caption_warnings([t for t in texts if t] + [cfg.negative_prompt or ""], "prompts",
+                                            "the model's text.max_length",
+                                            "shorten them: the model was trained with this length"):
         print(f"warning: {warning}", file=sys.stderr, flush=True)
-    unknown = encoder.unknown_words_warning([t for t in texts if t] + [cfg.negative_prompt or ""], "prompts")
-    if unknown:
-        print(f"warning: {unknown}", file=sys.stderr, flush=True)
     negative = encoder.encode([cfg.negative_prompt]) if cfg.negative_prompt else None
     return encoder.encode([t or "" for t in texts]), negative
 

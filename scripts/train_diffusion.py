@@ -169,11 +169,9 @@ class CaptionText:
             return batch["text"], batch["text_mask"]
         missing = [c for c in dict.fromkeys(batch["caption"]) if c is not None and c not in self.cache]
         if missing and self.warned < 3:  # past three warnings, new captions are no longer tokenized to check them
-            for warning in (self.encoder.truncation_warning(missing, "captions", "text.max_length"),
-                            self.encoder.unknown_words_warning(missing, "captions")):
-                if warning and self.warned < 3:
-                    self.warned += 1
-                    print(f"warning: {warning}", flush=True)
+            for warning in self.encoder.caption_warnings(missing, "captions", "text.max_length")[:3 - self.warned]:
+                self.warned += 1
+                print(f"warning: {warning}", flush=True)
         if missing:
             for c, e, m in zip(missing, *self.encoder.encode(missing)):
                 self.cache[c] = (e, m)

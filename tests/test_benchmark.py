@@ -115,6 +115,11 @@ def test_quality_bench_runs_end_to_end_through_the_command_lines(tmp_path, capsy
     # (at the quick run's 32 px the objects are 3-4 px across: the detector reads 11 of 12 right)
     assert classes["training_videos"]["videos"] == 12 and classes["training_videos"]["shape"] >= 0.75
     assert classes["samples"]["videos"] == 3 and 0 <= classes["samples"]["shape"] <= 1
+    # stage 1 on the held-out videos, read by the same detector against their own captions
+    held = report["stage1_adherence"]
+    assert set(held) == {"heldout_videos", "stage1_recon"} and held["heldout_videos"]["videos"] == 6
+    assert held["heldout_videos"]["colour"] == 1.0
+    assert all(0 <= held["stage1_recon"][k] <= 1 for k in ("colour", "shape", "direction", "all"))
     for stage in ("data", "vae", "encode", "diffusion", "sample"):
         assert (out / f".done-{stage}").exists()
     first = report["seconds"]
@@ -183,7 +188,7 @@ def test_quality_until_vae_scores_stage_one_only(tmp_path, capsys):
     out = tmp_path / "q"
     assert quality.main(["--quick", "--until", "vae", "--output-dir", str(out)]) == 0
     parts = [json.loads(x)["part"] for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
-    assert parts == ["stage1", "data", "shuffled", "stage1_recon", "seconds"]
+    assert parts == ["stage1", "data", "shuffled", "stage1_recon", "stage1_adherence", "stage1_adherence", "seconds"]
     assert not (out / "report.json").exists()  # a whole run's report is never replaced by a stage-1 one
     report = json.loads((out / "report-until-vae.json").read_text())
     assert "goals" not in report and set(report["video_quality"]) == {"data", "shuffled", "stage1_recon"}
@@ -220,3 +225,24 @@ def test_quality_guide_is_the_newest_complete_checkpoint_before_the_last_step(tm
         (diff / "checkpoints" / f"step-{step:07d}" / "COMPLETE").unlink()
     with pytest.raises(SystemExit, match="before step 4000.*--autoguidance-scale 1"):
         quality.guide_checkpoint(diff)
+
+
+def test_stage1_adherence_reads_the_held_out_captions_of_the_same_videos(tmp_path):
+    """stage1_adherence scores the held-out videos and their reconstructions against each video's own
+    caption: the videos themselves read right, a 'reconstruction' played backwards keeps colour and
+    shape but loses the direction, and a held-out folder with a caption missing gives no rows."""
+    from data.synthetic import write_synthetic
+    from data.video_io import read_video
+    from scripts.quality import stage1_adherence
+
+    held = tmp_path / "heldout"
+    paths = sorted(write_synthetic(held, 6, num_frames=4, size=64, seed=1))
+    videos = [read_video(p)[0] for p in paths]
+    rows = stage1_adherence(held, paths, videos, [v[::-1] for v in videos])
+    assert set(rows) == {"heldout_videos", "stage1_recon"} and rows["heldout_videos"]["videos"] == 6
+    assert rows["heldout_videos"]["colour"] == rows["heldout_videos"]["shape"] == 1.0
+    assert rows["heldout_videos"]["direction"] >= 5 / 6
+    backwards = rows["stage1_recon"]
+    assert backwards["colour"] == backwards["shape"] == 1.0 and backwards["direction"] <= 1 / 6
+    paths[2].with_suffix(".txt").unlink()
+    assert stage1_adherence(held, paths, videos, videos) == {}

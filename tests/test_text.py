@@ -180,6 +180,11 @@ def test_word_level_tiny_encoder_has_a_token_per_word_and_reloads_the_same(text_
     assert enc.unknown_words_warning(["a purple circle"], "prompts").startswith(
         "the text encoder has no token for 1 word(s) of the prompts ('purple')")
     assert text_run.enc.unknown_words(["a purple circle"]) == []  # byte-level spells any word
+    # both kinds of warning in one list, the cut captions first (what the three call sites print)
+    long = "a red circle moves to the upper left " * 2 + "purple"
+    both = enc.caption_warnings([a, long], "captions", "text.max_length")
+    assert len(both) == 2 and both[0].startswith("1 captions longer than text.max_length=16") and "'purple'" in both[1]
+    assert enc.caption_warnings([a, b], "captions", "text.max_length") == []
     # training that encodes captions on the fly (no embeddings in the shards) names them too
     from scripts.train_diffusion import CaptionText
 
