@@ -91,12 +91,21 @@ def caption_words() -> list[str]:
     return sorted({w for phrase in ["a moves", *COLOUR_NAMES, *SYNTHETIC_CLASSES, *DIRECTIONS] for w in phrase.split()})
 
 
-def synthetic_caption(index: int, *, size: int = 64, seed: int = 0, radius: tuple[float, float] = DEFAULT_RADIUS) -> str:
+def partial_captions(colour: int, shape: int, direction: int) -> list[str]:
+    """Shorter captions of the same video, each naming the shape with one other attribute: "a red
+    square" and "a square moves to the upper left" (the words of `caption_text`, no new ones)."""
+    return [f"a {COLOUR_NAMES[colour]} {SYNTHETIC_CLASSES[shape]}", f"a {SYNTHETIC_CLASSES[shape]} moves {DIRECTIONS[direction]}"]
+
+
+def synthetic_caption(index: int, *, size: int = 64, seed: int = 0, radius: tuple[float, float] = DEFAULT_RADIUS,
+                      partial: bool = False):
     """What video `index` shows: its colour, shape and the direction of its first move (8 compass
-    directions; the object keeps it until it bounces off a border)."""
+    directions; the object keeps it until it bounces off a border). With `partial`, a list: that
+    caption first, then its `partial_captions`."""
     p = _params(index, seed, size, radius)
     first = _bounce(p["start"] + p["velocity"] * np.arange(2)[:, None], p["lo"], p["hi"])
-    return caption_text(p["colour"], p["label"], direction_index(*(first[1] - first[0])))
+    attrs = (p["colour"], p["label"], direction_index(*(first[1] - first[0])))
+    return [caption_text(*attrs), *partial_captions(*attrs)] if partial else caption_text(*attrs)
 
 
 def make_synthetic_video(
@@ -153,10 +162,12 @@ def _is_complete(path: Path, num_frames: int, size: int) -> bool:
 
 def write_synthetic(
     out_dir, num_videos: int, *, num_frames: int = 16, size: int = 64, fps: float = 8.0, seed: int = 0,
-    radius: tuple[float, float] = DEFAULT_RADIUS,
+    radius: tuple[float, float] = DEFAULT_RADIUS, partial_captions: bool = False,
 ) -> list[Path]:
     """Write the synthetic set as H.264 mp4 files OUT/<class>/video_00003.mp4, each with its caption
-    in a sidecar OUT/<class>/video_00003.txt (`synthetic_caption`); returns the video paths.
+    in a sidecar OUT/<class>/video_00003.txt (`synthetic_caption`); returns the video paths. With
+    `partial_captions` the sidecar holds, after that caption, one line per shorter caption of the same
+    video (training draws one of a file's captions per sample each epoch).
 
     Idempotent: a file that already decodes to the right frame count and size is kept as is.
     Odd sizes are stored padded to even (see write_video).
@@ -170,7 +181,8 @@ def write_synthetic(
         if not _is_complete(path, num_frames, stored):
             frames, _ = make_synthetic_video(index, num_frames=num_frames, size=size, seed=seed, radius=radius)
             write_video(path, frames, fps)
-        caption = synthetic_caption(index, size=size, seed=seed, radius=radius) + "\n"
+        caption = synthetic_caption(index, size=size, seed=seed, radius=radius, partial=partial_captions)
+        caption = "".join(c + "\n" for c in caption) if partial_captions else caption + "\n"
         side = path.with_suffix(".txt")
         if not side.is_file() or side.read_text() != caption:
             with atomic_write(side) as tmp:

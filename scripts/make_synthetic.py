@@ -26,6 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="object circumradius range as fractions of the frame size "
                    f"(default {DEFAULT_RADIUS[0]},{DEFAULT_RADIUS[1]}; small objects: "
                    f"{SMALL_RADIUS[0]},{SMALL_RADIUS[1]})")
+    p.add_argument("--partial-captions", action="store_true",
+                   help="after each video's caption, write shorter ones to its sidecar, each naming the shape with "
+                   "one other attribute ('a red square', 'a square moves to the upper left'); training draws one "
+                   "caption per sample each epoch (README \"Text-to-video\")")
     return p
 
 
@@ -51,6 +55,7 @@ def main(argv=None) -> int:
             fps=args.fps,
             seed=args.seed,
             radius=radius,
+            partial_captions=args.partial_captions,
         )
     except (BadInputError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -88,6 +88,9 @@ def parse_args(argv):
     p.add_argument("--text-tokenizer", choices=("bytes", "words"), default="bytes",
                    help="with --text: the built-in encoder's tokenizer: bytes (ByT5's, one token per byte; the "
                    "default) or words (one token per word of the captions' grammar; README \"Text-to-video\")")
+    p.add_argument("--partial-captions", action="store_true",
+                   help="with --text: the training videos' sidecars also hold shorter captions naming the shape with "
+                   "one other attribute (make_synthetic --partial-captions); prompts stay unseen whole captions")
     p.add_argument("--baseline-run", type=Path, default=None,
                    help="with --text: a class-conditional quality run folder; its model is sampled on the same "
                    "prompts' shapes and scored the same way")
@@ -98,6 +101,8 @@ def parse_args(argv):
     p.add_argument("--fresh", action="store_true", help="ignore finished stages in --output-dir")
     p.add_argument("--output", type=Path, default=None, help="also write the JSON lines to this file")
     args = p.parse_args(argv)
+    if args.partial_captions and not args.text:
+        p.error("--partial-captions needs --text")
     args.num_samples = args.num_samples or (48 if args.text else 32)
     if args.guidance_scale is None:
         args.guidance_scale = 3.0 if args.text else 1.0
@@ -421,7 +426,8 @@ def main(argv=None) -> int:
     # of 77% on colour match for any stage 2; at 1000 every reconstruction's colour matches (README)
     size_set = [f"data.size={args.size}"] + ([] if args.quick else ["train.max_steps=1000"])
     plan = {
-        "data": lambda: make_synthetic.main(["--output-dir", str(data), "--num-videos", str(args.num_videos), *common])
+        "data": lambda: make_synthetic.main(["--output-dir", str(data), "--num-videos", str(args.num_videos), *common,
+                                             *(["--partial-captions"] if args.text and args.partial_captions else [])])
         or make_synthetic.main(["--output-dir", str(held), "--num-videos", str(args.heldout_videos), "--seed", "1",
                                 *common]),
         "vae": lambda: train_autoencoder.main(["--config", args.vae_config, "--data", str(data),

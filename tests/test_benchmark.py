@@ -153,6 +153,40 @@ def test_quality_bench_runs_end_to_end_through_the_command_lines(tmp_path, capsy
     assert manifest["encoding"]["clips_per_video"] == "1" and totals["video_samples"] == totals["videos"] == 12
 
 
+def _tar_members(folder, suffix):
+    """The bytes of every member of folder's shards whose name ends with suffix."""
+    import tarfile
+
+    for shard in sorted(folder.rglob("*.tar")):
+        with tarfile.open(shard) as tar:
+            yield from (tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(suffix))
+
+
+def test_quality_partial_captions_reach_the_shards_and_leave_the_prompts_whole(tmp_path):
+    from data.synthetic import parse_caption
+    from scripts import quality
+
+    with pytest.raises(SystemExit):  # shorter captions are a text-model option
+        quality.main(["--quick", "--partial-captions", "--output-dir", str(tmp_path / "x")])
+    out = tmp_path / "text"
+    assert quality.main(["--quick", "--text", "--partial-captions", "--until", "encode", "--output-dir", str(out)]) == 0
+    assert json.loads((out / "report-until-encode.json").read_text())["settings"]["partial_captions"] is True
+    # every training clip carries its video's three captions (and their embeddings); the held-out
+    # videos, read by the detector, keep the one whole caption
+    samples = [json.loads(m) for m in _tar_members(out / "shards", ".json")]
+    assert len(samples) == 12
+    import io
+
+    import numpy as np
+
+    assert {np.load(io.BytesIO(b)).shape[0] for b in _tar_members(out / "shards", ".text.npy")} == {3}
+    for meta in samples:
+        full, *short = meta["captions"]
+        assert parse_caption(full) is not None and len(short) == 2 and all(parse_caption(c) is None for c in short)
+    assert all(len(p.read_text().splitlines()) == 1 for p in (out / "heldout").rglob("*.txt"))
+    assert set(quality.training_captions(out / "data").values()) == {m["captions"][0] for m in samples}
+
+
 def test_make_synthetic_radius(tmp_path):
     from data.synthetic import track_object
     from data.video_io import read_video

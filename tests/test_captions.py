@@ -98,6 +98,25 @@ def test_write_synthetic_writes_sidecars(tmp_path):
     assert cs.of("circle/video_00000.mp4") == (synthetic_caption(0, size=16),)
 
 
+def test_partial_captions_name_the_shape_with_one_other_attribute(tmp_path):
+    from data.synthetic import caption_words, parse_caption
+
+    paths = write_synthetic(tmp_path, 6, num_frames=2, size=16, partial_captions=True)
+    cs = load_captions(tmp_path, [p.relative_to(tmp_path).as_posix() for p in paths])
+    assert cs.problems == [] and len(cs.captions) == 6
+    for p in paths:
+        full, *short = cs.of(p.relative_to(tmp_path).as_posix())
+        assert full == synthetic_caption(int(p.stem[-5:]), size=16)  # the whole caption stays the first
+        a = parse_caption(full)
+        colour, shape, direction = COLOUR_NAMES[a["colour"]], SYNTHETIC_CLASSES[a["shape"]], DIRECTIONS[a["direction"]]
+        assert short == [f"a {colour} {shape}", f"a {shape} moves {direction}"]
+        assert p.parent.name == shape  # the class folder the video was written to
+        assert {w for c in short for w in c.split()} <= set(caption_words())  # no word a words tokenizer lacks
+    # written again without: the sidecars go back to the one caption
+    write_synthetic(tmp_path, 6, num_frames=2, size=16)
+    assert load_captions(tmp_path, ["circle/video_00000.mp4"]).of("circle/video_00000.mp4") == (synthetic_caption(0, size=16),)
+
+
 def test_class_adherence_reads_the_real_shapes_and_catches_wrong_labels():
     from data.synthetic import SMALL_RADIUS, SYNTHETIC_CLASSES, class_adherence
 
