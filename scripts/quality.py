@@ -132,10 +132,10 @@ def guide_checkpoint(diff: Path) -> Path:
     its last step (train.max_steps in DIR/config.yaml; the export is that step's EMA)."""
     import yaml
 
+    from scripts.runtime.checkpoint import step_folders
+
     last = int(yaml.safe_load((diff / "config.yaml").read_text())["train"]["max_steps"])
-    found = sorted((int(p.name.split("-")[1]), p) for p in (diff / "checkpoints").glob("step-*")
-                   if (p / "COMPLETE").is_file() and p.name.split("-")[1].isdigit())
-    earlier = [p for step, p in found if step < last]
+    earlier = [p for step, p in step_folders(diff / "checkpoints", complete=True) if step < last]
     if not earlier:
         raise SystemExit(f"[quality] autoguidance needs a checkpoint of {diff} before step {last}; none is left "
                          "(train.checkpoint_every / keep_checkpoints); pass --autoguidance-scale 1")

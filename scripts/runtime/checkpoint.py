@@ -150,10 +150,7 @@ class CheckpointManager:
 
     # -- finding and loading ---------------------------------------------------------------
     def _candidates(self) -> list[Path]:
-        if not self.root.is_dir():
-            return []
-        found = [(int(m.group(1)), p) for p in self.root.iterdir() if (m := _STEP_RE.match(p.name)) and p.is_dir()]
-        return [p for _, p in sorted(found)]
+        return [p for _, p in step_folders(self.root)]
 
     def latest(self) -> Path | None:
         """The newest checkpoint that verifies; warns about every newer one it skips."""
@@ -186,6 +183,16 @@ class CheckpointManager:
         else:
             log.warning("%s has no RNG state for rank %d (different number of processes?)", path, self.rank)
         return tensors, objects, meta
+
+
+def step_folders(root: Path, *, complete: bool = False) -> list[tuple[int, Path]]:
+    """(step, folder) of every step-NNNNNNN checkpoint folder under root, oldest first; with
+    `complete`, only those whose COMPLETE marker was written (not verified: see verify_checkpoint)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_RE.match(p.name)) and p.is_dir()]
+    return [(step, p) for step, p in sorted(found) if not complete or (p / MARKER).is_file()]
 
 
 def verify_checkpoint(path: Path) -> str | None:
