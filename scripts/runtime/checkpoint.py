@@ -185,6 +185,13 @@ class CheckpointManager:
         return tensors, objects, meta
 
 
+def differing_keys(saved: dict | None, current: dict) -> list[str]:
+    """The keys, sorted, whose values differ between two flat config dicts (a missing key differs
+    from any value but None; a missing dict has no keys)."""
+    saved = saved or {}
+    return sorted(k for k in {*saved, *current} if saved.get(k) != current.get(k))
+
+
 def step_folders(root: Path, *, complete: bool = False) -> list[tuple[int, Path]]:
     """(step, folder) of every step-NNNNNNN checkpoint folder under root, oldest first; with
     `complete`, only those whose COMPLETE marker was written (not verified: see verify_checkpoint)."""

@@ -14,7 +14,7 @@ from data.remote import is_remote
 from data.stats import load_stats
 from diffusion.config import DiffusionConfig, UNetConfig
 from diffusion.unet3d import UNet3D
-from scripts.runtime.checkpoint import verify_checkpoint
+from scripts.runtime.checkpoint import differing_keys, verify_checkpoint
 
 TEXT_ENCODER_DIR = "text_encoder"
 MODEL_TYPE = "UNet3D"
@@ -151,7 +151,7 @@ def load_guide(path: Path, meta: dict, map_location="cpu") -> UNet3D:
         raise ValueError(f"{path / 'trainer.json'}: not valid JSON ({e})") from None
     for key, current in (("model_config", meta["unet"]), ("diffusion_config", meta["diffusion"])):
         if saved.get(key) != current:
-            diff = sorted(k for k in {*(saved.get(key) or {}), *current} if (saved.get(key) or {}).get(k) != current.get(k))
+            diff = differing_keys(saved.get(key), current)
             raise ValueError(f"--autoguide {path}: the checkpoint was written for another model ({key} differs: "
                              f"{', '.join(diff) or 'missing'}); pass a checkpoint of the run this export came from")
     guide = _with_weights(UNet3D(meta["unet_config"]), weights,

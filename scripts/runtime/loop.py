@@ -19,7 +19,7 @@ from typing import Any, Protocol
 from tqdm.auto import tqdm
 
 from scripts.runtime import sharding
-from scripts.runtime.checkpoint import CheckpointError, CheckpointManager
+from scripts.runtime.checkpoint import CheckpointError, CheckpointManager, differing_keys
 from scripts.runtime.config import save_config
 from scripts.runtime.training import EMA, MetricsLog, NonFiniteGuard
 
@@ -216,7 +216,7 @@ def check_same_configs(meta: dict, configs: dict[str, dict], path: Path) -> None
     for key, current in configs.items():
         saved = meta.get(key)
         if saved is not None and saved != current:
-            diff = sorted(k for k in {*saved, *current} if saved.get(k) != current.get(k))
+            diff = differing_keys(saved, current)
             what = key.removesuffix("_config")
             raise CheckpointError(f"{path} was written for a different {what} ({what}.{f', {what}.'.join(diff)} "
                                   "differ); use another --output-dir or the same config")
