@@ -97,15 +97,20 @@ def partial_captions(colour: int, shape: int, direction: int) -> list[str]:
     return [f"a {COLOUR_NAMES[colour]} {SYNTHETIC_CLASSES[shape]}", f"a {SYNTHETIC_CLASSES[shape]} moves {DIRECTIONS[direction]}"]
 
 
-def synthetic_caption(index: int, *, size: int = 64, seed: int = 0, radius: tuple[float, float] = DEFAULT_RADIUS,
-                      partial: bool = False):
+def synthetic_captions(index: int, *, size: int = 64, seed: int = 0, radius: tuple[float, float] = DEFAULT_RADIUS,
+                       partial: bool = False) -> list[str]:
     """What video `index` shows: its colour, shape and the direction of its first move (8 compass
-    directions; the object keeps it until it bounces off a border). With `partial`, a list: that
-    caption first, then its `partial_captions`."""
+    directions; the object keeps it until it bounces off a border); with `partial`, that caption's
+    `partial_captions` after it."""
     p = _params(index, seed, size, radius)
     first = _bounce(p["start"] + p["velocity"] * np.arange(2)[:, None], p["lo"], p["hi"])
     attrs = (p["colour"], p["label"], direction_index(*(first[1] - first[0])))
-    return [caption_text(*attrs), *partial_captions(*attrs)] if partial else caption_text(*attrs)
+    return [caption_text(*attrs), *(partial_captions(*attrs) if partial else [])]
+
+
+def synthetic_caption(index: int, *, size: int = 64, seed: int = 0, radius: tuple[float, float] = DEFAULT_RADIUS) -> str:
+    """The whole caption of video `index` (`synthetic_captions`' first)."""
+    return synthetic_captions(index, size=size, seed=seed, radius=radius)[0]
 
 
 def make_synthetic_video(
@@ -165,7 +170,7 @@ def write_synthetic(
     radius: tuple[float, float] = DEFAULT_RADIUS, partial_captions: bool = False,
 ) -> list[Path]:
     """Write the synthetic set as H.264 mp4 files OUT/<class>/video_00003.mp4, each with its caption
-    in a sidecar OUT/<class>/video_00003.txt (`synthetic_caption`); returns the video paths. With
+    in a sidecar OUT/<class>/video_00003.txt (`synthetic_captions`); returns the video paths. With
     `partial_captions` the sidecar holds, after that caption, one line per shorter caption of the same
     video (training draws one of a file's captions per sample each epoch).
 
@@ -181,8 +186,8 @@ def write_synthetic(
         if not _is_complete(path, num_frames, stored):
             frames, _ = make_synthetic_video(index, num_frames=num_frames, size=size, seed=seed, radius=radius)
             write_video(path, frames, fps)
-        caption = synthetic_caption(index, size=size, seed=seed, radius=radius, partial=partial_captions)
-        caption = "".join(c + "\n" for c in caption) if partial_captions else caption + "\n"
+        caption = "".join(c + "\n" for c in synthetic_captions(index, size=size, seed=seed, radius=radius,
+                                                            partial=partial_captions))
         side = path.with_suffix(".txt")
         if not side.is_file() or side.read_text() != caption:
             with atomic_write(side) as tmp:

@@ -201,7 +201,7 @@ def builtin_text_encoder(folder: Path, tokenizer: str = "bytes") -> None:
 
 
 def training_captions(data: Path) -> dict[str, str]:
-    """relpath -> the (first) caption of each training video."""
+    """relpath -> the (first) caption of each video under `data` (the training videos, or the held-out ones)."""
     from data.captions import load_captions
 
     rels = sorted(p.relative_to(data).as_posix() for p in data.rglob("*.mp4"))
@@ -282,11 +282,10 @@ def stage1_adherence(held: Path, paths, videos, recons) -> dict:
     reconstructions `recons` of them, against the videos' own captions: how often the detector still reads
     the caption's colour, shape and direction after stage 1. Empty when a held-out video has no caption of
     the synthetic form (a folder written before captions were)."""
-    from data.captions import load_captions
     from data.synthetic import parse_caption, prompt_adherence
 
-    found = load_captions(held, [p.relative_to(held).as_posix() for p in paths])
-    asked = [(found.of(p.relative_to(held).as_posix()) or [None])[0] for p in paths]
+    found = training_captions(held)
+    asked = [found.get(p.relative_to(held).as_posix()) for p in paths]
     if not asked or any(a is None or parse_caption(a) is None for a in asked):
         return {}
     return {"heldout_videos": prompt_adherence(videos, asked), "stage1_recon": prompt_adherence(recons, asked)}
@@ -427,7 +426,7 @@ def main(argv=None) -> int:
     size_set = [f"data.size={args.size}"] + ([] if args.quick else ["train.max_steps=1000"])
     plan = {
         "data": lambda: make_synthetic.main(["--output-dir", str(data), "--num-videos", str(args.num_videos), *common,
-                                             *(["--partial-captions"] if args.text and args.partial_captions else [])])
+                                             *(["--partial-captions"] if args.partial_captions else [])])
         or make_synthetic.main(["--output-dir", str(held), "--num-videos", str(args.heldout_videos), "--seed", "1",
                                 *common]),
         "vae": lambda: train_autoencoder.main(["--config", args.vae_config, "--data", str(data),

@@ -163,6 +163,10 @@ def _tar_members(folder, suffix):
 
 
 def test_quality_partial_captions_reach_the_shards_and_leave_the_prompts_whole(tmp_path):
+    import io
+
+    import numpy as np
+
     from data.synthetic import parse_caption
     from scripts import quality
 
@@ -175,10 +179,6 @@ def test_quality_partial_captions_reach_the_shards_and_leave_the_prompts_whole(t
     # videos, read by the detector, keep the one whole caption
     samples = [json.loads(m) for m in _tar_members(out / "shards", ".json")]
     assert len(samples) == 12
-    import io
-
-    import numpy as np
-
     assert {np.load(io.BytesIO(b)).shape[0] for b in _tar_members(out / "shards", ".text.npy")} == {3}
     for meta in samples:
         full, *short = meta["captions"]
