@@ -3,6 +3,7 @@ dark background, plus motion metrics (object centres, path smoothness) for check
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import cv2
@@ -97,14 +98,38 @@ def partial_captions(colour: int, shape: int, direction: int) -> list[str]:
     return [f"a {COLOUR_NAMES[colour]} {SYNTHETIC_CLASSES[shape]}", f"a {SYNTHETIC_CLASSES[shape]} moves {DIRECTIONS[direction]}"]
 
 
-def synthetic_captions(index: int, *, size: int = 64, seed: int = 0, radius: tuple[float, float] = DEFAULT_RADIUS,
-                       partial: bool = False) -> list[str]:
-    """What video `index` shows: its colour, shape and the direction of its first move (8 compass
-    directions; the object keeps it until it bounces off a border); with `partial`, that caption's
-    `partial_captions` after it."""
+def combination_order() -> list[tuple[int, int, int]]:
+    """Every (colour, shape, direction) index triple once (7 x 3 x 8 = 168), in an order that cycles all
+    three (k -> colour k % 7, shape k % 3, direction k % 8): any run of it is spread over every colour,
+    shape and direction. The order of `held_out_combinations` and of the quality benchmark's prompts."""
+    total = len(COLOUR_NAMES) * len(SYNTHETIC_CLASSES) * len(DIRECTIONS)
+    return [(k % len(COLOUR_NAMES), k % len(SYNTHETIC_CLASSES), k % len(DIRECTIONS)) for k in range(total)]
+
+
+def held_out_combinations(count: int) -> set[tuple[int, int, int]]:
+    """The first `count` of `combination_order`: combinations a training set can leave out on purpose.
+    Up to 24, every pair of attributes (colour and shape, shape and direction, colour and direction)
+    of a held-out combination is still in the other 144, so each can be composed from seen parts."""
+    order = combination_order()
+    if not 0 <= count < len(order):
+        raise ValueError(f"can hold out 0 to {len(order) - 1} of the {len(order)} combinations, not {count}")
+    return set(order[:count])
+
+
+def synthetic_attributes(index: int, *, size: int = 64, seed: int = 0,
+                         radius: tuple[float, float] = DEFAULT_RADIUS) -> tuple[int, int, int]:
+    """(colour, shape, direction) indices of video `index`: its colour, shape and the direction of its
+    first move (8 compass directions; the object keeps it until it bounces off a border)."""
     p = _params(index, seed, size, radius)
     first = _bounce(p["start"] + p["velocity"] * np.arange(2)[:, None], p["lo"], p["hi"])
-    attrs = (p["colour"], p["label"], direction_index(*(first[1] - first[0])))
+    return p["colour"], p["label"], direction_index(*(first[1] - first[0]))
+
+
+def synthetic_captions(index: int, *, size: int = 64, seed: int = 0, radius: tuple[float, float] = DEFAULT_RADIUS,
+                       partial: bool = False) -> list[str]:
+    """What video `index` shows (`synthetic_attributes` as `caption_text`); with `partial`, that
+    caption's `partial_captions` after it."""
+    attrs = synthetic_attributes(index, size=size, seed=seed, radius=radius)
     return [caption_text(*attrs), *(partial_captions(*attrs) if partial else [])]
 
 
@@ -167,22 +192,33 @@ def _is_complete(path: Path, num_frames: int, size: int) -> bool:
 
 def write_synthetic(
     out_dir, num_videos: int, *, num_frames: int = 16, size: int = 64, fps: float = 8.0, seed: int = 0,
-    radius: tuple[float, float] = DEFAULT_RADIUS, partial_captions: bool = False,
+    radius: tuple[float, float] = DEFAULT_RADIUS, partial_captions: bool = False, hold_out: int = 0,
 ) -> list[Path]:
     """Write the synthetic set as H.264 mp4 files OUT/<class>/video_00003.mp4, each with its caption
     in a sidecar OUT/<class>/video_00003.txt (`synthetic_captions`); returns the video paths. With
     `partial_captions` the sidecar holds, after that caption, one line per shorter caption of the same
     video (training draws one of a file's captions per sample each epoch).
 
+    With `hold_out` > 0, no video shows one of `held_out_combinations(hold_out)`: such an index is
+    skipped (its files, left by an earlier run without the hold-out, removed) and the next one taken
+    until there are `num_videos`; every video written is the one the same index gives without it.
+
     Idempotent: a file that already decodes to the right frame count and size is kept as is.
     Odd sizes are stored padded to even (see write_video).
     """
     out_dir = Path(out_dir)
     stored = size + size % 2
+    excluded = held_out_combinations(hold_out)
     paths = []
-    for index in range(num_videos):
+    for index in itertools.count():
+        if len(paths) == num_videos:
+            break
         label = index % len(SYNTHETIC_CLASSES)
         path = out_dir / SYNTHETIC_CLASSES[label] / f"video_{index:05d}.mp4"
+        if excluded and synthetic_attributes(index, size=size, seed=seed, radius=radius) in excluded:
+            path.unlink(missing_ok=True)
+            path.with_suffix(".txt").unlink(missing_ok=True)
+            continue
         if not _is_complete(path, num_frames, stored):
             frames, _ = make_synthetic_video(index, num_frames=num_frames, size=size, seed=seed, radius=radius)
             write_video(path, frames, fps)

@@ -30,6 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after each video's caption, write shorter ones to its sidecar, each naming the shape with "
                    "one other attribute ('a red square', 'a square moves to the upper left'); training draws one "
                    "caption per sample each epoch (README \"Text-to-video\")")
+    p.add_argument("--hold-out", type=int, default=0, metavar="K",
+                   help="leave the first K of the 168 colour x shape x direction combinations out of the set "
+                   "(data.synthetic.held_out_combinations; 0-167, default 0): prompts that no training caption "
+                   "has, however many videos; a video that would show one is skipped for the next index")
     return p
 
 
@@ -38,6 +42,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.num_videos < 1 or args.frames < 1 or args.size < 8 or not args.fps > 0:
         parser.error("need --num-videos >= 1, --frames >= 1, --size >= 8 and --fps > 0")
+    if not 0 <= args.hold_out < 168:
+        parser.error(f"--hold-out must be 0 to 167 (of the 168 combinations), got {args.hold_out}")
     radius = DEFAULT_RADIUS
     if args.radius is not None:
         try:
@@ -56,6 +62,7 @@ def main(argv=None) -> int:
             seed=args.seed,
             radius=radius,
             partial_captions=args.partial_captions,
+            hold_out=args.hold_out,
         )
     except (BadInputError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -91,6 +91,10 @@ def parse_args(argv):
     p.add_argument("--partial-captions", action="store_true",
                    help="with --text: the training videos' sidecars also hold shorter captions naming the shape with "
                    "one other attribute (make_synthetic --partial-captions); prompts stay unseen whole captions")
+    p.add_argument("--hold-out", type=int, default=0, metavar="K",
+                   help="with --text: leave the first K of the 168 colour x shape x direction combinations out of "
+                   "the training videos (make_synthetic --hold-out), so the unseen prompts are those K whatever "
+                   "--num-videos is (default 0: the combinations 300 videos happen to miss, about 23)")
     p.add_argument("--baseline-run", type=Path, default=None,
                    help="with --text: a class-conditional quality run folder; its model is sampled on the same "
                    "prompts' shapes and scored the same way")
@@ -103,6 +107,10 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if args.partial_captions and not args.text:
         p.error("--partial-captions needs --text")
+    if args.hold_out and not args.text:
+        p.error("--hold-out needs --text (it chooses the prompts no training caption has)")
+    if not 0 <= args.hold_out < 168:
+        p.error(f"--hold-out must be 0 to 167 (of the 168 combinations), got {args.hold_out}")
     args.num_samples = args.num_samples or (48 if args.text else 32)
     if args.guidance_scale is None:
         args.guidance_scale = 3.0 if args.text else 1.0
@@ -154,13 +162,12 @@ def unseen_prompts(seen: set[str], n: int) -> list[str]:
     order that cycles all three (k -> colour k % 7, shape k % 3, direction k % 8 visits each of the
     168 combinations once), so the prompts are spread over every colour, shape and direction;
     repeated in that order when fewer than n are unseen (300 videos leave about 23)."""
-    from data.synthetic import COLOUR_NAMES, DIRECTIONS, SYNTHETIC_CLASSES, caption_text
+    from data.synthetic import caption_text, combination_order
 
-    total = len(COLOUR_NAMES) * len(SYNTHETIC_CLASSES) * len(DIRECTIONS)
-    order = [caption_text(k % len(COLOUR_NAMES), k % len(SYNTHETIC_CLASSES), k % len(DIRECTIONS)) for k in range(total)]
+    order = [caption_text(*attrs) for attrs in combination_order()]
     unseen = [c for c in order if c not in seen]
     if not unseen:
-        raise SystemExit(f"[quality] every one of the {total} captions is in the training set: no unseen prompt")
+        raise SystemExit(f"[quality] every one of the {len(order)} captions is in the training set: no unseen prompt")
     return [unseen[i % len(unseen)] for i in range(n)]  # cycled when fewer than n are unseen
 
 
@@ -426,7 +433,8 @@ def main(argv=None) -> int:
     size_set = [f"data.size={args.size}"] + ([] if args.quick else ["train.max_steps=1000"])
     plan = {
         "data": lambda: make_synthetic.main(["--output-dir", str(data), "--num-videos", str(args.num_videos), *common,
-                                             *(["--partial-captions"] if args.partial_captions else [])])
+                                             *(["--partial-captions"] if args.partial_captions else []),
+                                             "--hold-out", str(args.hold_out)])
         or make_synthetic.main(["--output-dir", str(held), "--num-videos", str(args.heldout_videos), "--seed", "1",
                                 *common]),
         "vae": lambda: train_autoencoder.main(["--config", args.vae_config, "--data", str(data),

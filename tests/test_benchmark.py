@@ -162,6 +162,46 @@ def _tar_members(folder, suffix):
             yield from (tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(suffix))
 
 
+def test_quality_hold_out_makes_the_held_out_combinations_the_prompts(tmp_path, monkeypatch):
+    from data.synthetic import COLOUR_NAMES, DIRECTIONS, SYNTHETIC_CLASSES
+    from scripts import make_synthetic, quality
+
+    for argv in (["--hold-out", "24"], ["--text", "--hold-out", "168"]):  # a text option; 0-167
+        with pytest.raises(SystemExit):
+            quality.main(["--quick", *argv, "--output-dir", str(tmp_path / "x")])
+    data = tmp_path / "data"
+    assert make_synthetic.main(["--output-dir", str(data), "--num-videos", "40", "--frames", "2", "--size", "16",
+                                "--hold-out", "24"]) == 0  # fmt: skip
+    quality.write_prompts(data, tmp_path / "prompts.txt", 48)
+    prompts = (tmp_path / "prompts.txt").read_text().splitlines()
+    held = [f"a {COLOUR_NAMES[k % 7]} {SYNTHETIC_CLASSES[k % 3]} moves {DIRECTIONS[k % 8]}" for k in range(24)]
+    assert len(prompts) == 48 and prompts[:24] == held  # the held-out ones first, then what 40 videos miss
+    assert not set(held) & set(quality.training_captions(data).values())
+
+    calls = []  # the driver hands --hold-out to the training videos' make_synthetic, not the held-out ones'
+
+    def record(argv):
+        calls.append(argv)
+        return 0
+
+    class Stop(Exception):
+        pass
+
+    def stop(argv):
+        raise Stop
+
+    from scripts import train_autoencoder
+
+    monkeypatch.setattr(make_synthetic, "main", record)
+    monkeypatch.setattr(train_autoencoder, "main", stop)  # the stage after the data: nothing more to run
+    out = tmp_path / "run"
+    with pytest.raises(Stop):
+        quality.main(["--quick", "--text", "--hold-out", "24", "--until", "vae", "--output-dir", str(out)])
+    train, held_videos = calls[:2]
+    assert train[train.index("--output-dir") + 1] == str(out / "data") and train[train.index("--hold-out") + 1] == "24"
+    assert held_videos[held_videos.index("--output-dir") + 1] == str(out / "heldout") and "--hold-out" not in held_videos
+
+
 def test_quality_partial_captions_reach_the_shards_and_leave_the_prompts_whole(tmp_path):
     import io
 

@@ -117,6 +117,43 @@ def test_partial_captions_name_the_shape_with_one_other_attribute(tmp_path):
     assert load_captions(tmp_path, ["circle/video_00000.mp4"]).of("circle/video_00000.mp4") == (synthetic_caption(0, size=16),)
 
 
+def test_hold_out_leaves_its_combinations_out_and_keeps_every_other_video(tmp_path):
+    from data.synthetic import held_out_combinations, parse_caption
+
+    # the first K of the order that cycles colour (7), shape (3) and direction (8), written out here
+    held = {(k % 7, k % 3, k % 8) for k in range(84)}
+    assert held_out_combinations(84) == held and len(held) == 84
+    with pytest.raises(ValueError, match="0 to 167"):
+        held_out_combinations(168)
+    # up to 24: every pair of attributes of a held-out combination is still among the others
+    rest = {(c, s, d) for c in range(7) for s in range(3) for d in range(8)} - held_out_combinations(24)
+    for c, s, d in held_out_combinations(24):
+        assert any(r[:2] == (c, s) for r in rest) and any(r[1:] == (s, d) for r in rest)
+        assert any((r[0], r[2]) == (c, d) for r in rest)
+
+    plain = write_synthetic(tmp_path / "plain", 24, num_frames=2, size=16)
+    kept = write_synthetic(tmp_path / "held", 10, num_frames=2, size=16, hold_out=84)
+    assert len(kept) == 10
+    combo = {}
+    for p in plain:
+        a = parse_caption(p.with_suffix(".txt").read_text())
+        combo[p.relative_to(tmp_path / "plain")] = (a["colour"], a["shape"], a["direction"])
+    # the held-out set is the plain set without the held-out combinations, the same files in the same order
+    expected = [rel for rel in combo if combo[rel] not in held][:10]
+    last = int(expected[-1].stem[-5:])  # video indices: the files are named by them
+    assert len(expected) < len([rel for rel in combo if int(rel.stem[-5:]) <= last])  # some were skipped
+    assert [p.relative_to(tmp_path / "held") for p in kept] == expected
+    for p in kept:
+        twin = tmp_path / "plain" / p.relative_to(tmp_path / "held")
+        assert p.read_bytes() == twin.read_bytes() and p.with_suffix(".txt").read_text() == twin.with_suffix(".txt").read_text()
+    # a folder written before without the hold-out loses the held-out videos (and their captions)
+    again = write_synthetic(tmp_path / "plain", 10, num_frames=2, size=16, hold_out=84)
+    assert [p.relative_to(tmp_path / "plain") for p in again] == expected
+    for rel in combo:
+        if combo[rel] in held and int(rel.stem[-5:]) <= last:
+            assert not (tmp_path / "plain" / rel).exists() and not (tmp_path / "plain" / rel).with_suffix(".txt").exists()
+
+
 def test_class_adherence_reads_the_real_shapes_and_catches_wrong_labels():
     from data.synthetic import SMALL_RADIUS, SYNTHETIC_CLASSES, class_adherence
 
