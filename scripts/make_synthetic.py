@@ -7,7 +7,13 @@ import sys
 from pathlib import Path
 
 from data.errors import BadInputError
-from data.synthetic import DEFAULT_RADIUS, SMALL_RADIUS, SYNTHETIC_CLASSES, write_synthetic
+from data.synthetic import (
+    DEFAULT_RADIUS,
+    SMALL_RADIUS,
+    SYNTHETIC_CLASSES,
+    held_out_combinations,
+    write_synthetic,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,8 +48,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.num_videos < 1 or args.frames < 1 or args.size < 8 or not args.fps > 0:
         parser.error("need --num-videos >= 1, --frames >= 1, --size >= 8 and --fps > 0")
-    if not 0 <= args.hold_out < 168:
-        parser.error(f"--hold-out must be 0 to 167 (of the 168 combinations), got {args.hold_out}")
+    try:
+        held_out_combinations(args.hold_out)  # the one check of the range
+    except ValueError as e:
+        parser.error(f"--hold-out: {e}")
     radius = DEFAULT_RADIUS
     if args.radius is not None:
         try:

@@ -109,8 +109,12 @@ def parse_args(argv):
         p.error("--partial-captions needs --text")
     if args.hold_out and not args.text:
         p.error("--hold-out needs --text (it chooses the prompts no training caption has)")
-    if not 0 <= args.hold_out < 168:
-        p.error(f"--hold-out must be 0 to 167 (of the 168 combinations), got {args.hold_out}")
+    from data.synthetic import held_out_combinations
+
+    try:
+        held_out_combinations(args.hold_out)  # the one check of the range
+    except ValueError as e:
+        p.error(f"--hold-out: {e}")
     args.num_samples = args.num_samples or (48 if args.text else 32)
     if args.guidance_scale is None:
         args.guidance_scale = 3.0 if args.text else 1.0

@@ -16,14 +16,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import numpy as np  # noqa: E402
 
-from data.synthetic import COLOUR_NAMES, DIRECTIONS, SYNTHETIC_CLASSES, caption_text  # noqa: E402
+from data.synthetic import caption_text, combination_order  # noqa: E402
 from diffusion.text import load_text_encoder  # noqa: E402
 from scripts.quality import BUILTIN_TEXT_LENGTH, training_captions  # noqa: E402
 
 
 def main(run: Path) -> None:
     seen = set(training_captions(run / "data").values())
-    attrs = [(c, s, d) for c in range(len(COLOUR_NAMES)) for s in range(len(SYNTHETIC_CLASSES)) for d in range(len(DIRECTIONS))]
+    attrs = combination_order()
     captions = [caption_text(*a) for a in attrs]
     emb, mask = load_text_encoder(str(run / "text_encoder"), max_length=BUILTIN_TEXT_LENGTH).encode(captions)
     m = mask.float()[..., None]
