@@ -33,6 +33,11 @@ class UNetConfig:
     # width of the text encoder's token embeddings; 0: no text. > 0: cross-attention to the tokens
     # after each spatial attention, and the pooled text added to the timestep embedding
     text_dim: int = 0
+    # standardise the pooled text before it is projected into the timestep embedding: minus the mean
+    # and over the standard deviation per feature of the pooled captions seen in training (running
+    # statistics kept as buffers, frozen in eval mode and saved with the weights). A frozen encoder's
+    # pooled embeddings share one large common direction; what tells captions apart is small beside it
+    text_pool_norm: bool = False
     # spatial super-resolution stage (cascade): channels of the low-resolution latents given with
     # every input, upsampled to the input's grid and concatenated to it, plus the level of the
     # noise augmentation applied to them (an input of the model, embedded like the timestep). 0: none
@@ -52,6 +57,8 @@ class UNetConfig:
         d["attention_levels"] = list(self.attention_levels)
         if not self.text_dim:
             del d["text_dim"]  # a model without text: config.json as before the key existed
+        if not self.text_pool_norm:
+            del d["text_pool_norm"]  # as before the key existed
         if not self.self_condition:
             del d["self_condition"]  # as before the key existed
         if not self.clip_context:

@@ -96,6 +96,10 @@ class UNet3D(nn.Module):
         if c.text_dim:
             self.null_token = nn.Parameter(torch.randn(1, 1, c.text_dim) * 0.02)
             self.text_pool = zero_module(nn.Linear(c.text_dim, emb_dim))
+            if c.text_pool_norm:  # running statistics of the pooled text (config.text_pool_norm)
+                self.register_buffer("text_pool_count", torch.zeros((), dtype=torch.long))
+                self.register_buffer("text_pool_mean", torch.zeros(c.text_dim))
+                self.register_buffer("text_pool_var", torch.ones(c.text_dim))
         if c.low_res_channels:  # super-resolution: the noise-augmentation level, embedded like t
             self.aug_mlp = nn.Sequential(nn.Linear(base, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         in_ch = (2 * c.in_channels + 1 if c.frame_conditioning else c.in_channels) + c.low_res_channels
@@ -168,8 +172,36 @@ class UNet3D(nn.Module):
         text = text.to(device).float()
         weights = mask.float()[..., None]
         pooled = (text * weights).sum(1) / weights.sum(1).clamp(min=1.0)  # [B, D]; 0 for the null text
+        if self.config.text_pool_norm:
+            pooled = self._standardise(pooled, mask.any(1))
         tokens = torch.cat([self.null_token.expand(batch, 1, d), text], dim=1)
         return (tokens, torch.cat([mask.new_ones(batch, 1), mask], dim=1)), pooled
+
+    # after this many pooled captions the running statistics become a moving average of that length
+    TEXT_POOL_WINDOW = 10000
+
+    @torch.no_grad()
+    def _update_text_stats(self, rows: torch.Tensor) -> None:
+        """Fold a batch of pooled captions [N, D] into the running mean and variance (Chan et al.'s
+        pairwise update; the old statistics weigh min(count, TEXT_POOL_WINDOW) rows)."""
+        n, m = float(min(int(self.text_pool_count), self.TEXT_POOL_WINDOW)), float(rows.shape[0])
+        mean, var = rows.mean(0), rows.var(0, unbiased=False)
+        delta = mean - self.text_pool_mean
+        total = n + m
+        new_var = (n * self.text_pool_var + m * var + delta.square() * n * m / total) / total
+        self.text_pool_mean.add_(delta * (m / total))
+        self.text_pool_var.copy_(new_var)
+        self.text_pool_count.add_(rows.shape[0])
+
+    def _standardise(self, pooled: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        """config.text_pool_norm: (pooled - mean) / std per feature for the rows with text; the null
+        text's rows stay 0. In training mode the rows with text update the statistics first."""
+        if self.training and bool(real.any()):
+            self._update_text_stats(pooled[real].detach().float())
+        if int(self.text_pool_count) == 0:
+            return pooled
+        normed = (pooled - self.text_pool_mean) * torch.rsqrt(self.text_pool_var + 1e-6)
+        return torch.where(real[:, None], normed, torch.zeros_like(normed))
 
     def _embed(self, t: torch.Tensor, class_labels: torch.Tensor | None, batch: int, device) -> torch.Tensor:
         t = torch.as_tensor(t, device=device)

@@ -83,10 +83,10 @@ def test_text_dropout_happens_at_its_rate_and_with_the_labels():
     assert dropped_both == dropped_text  # one draw: labels and text are dropped together
 
 
-def _text_model(seed=0, text_dim=32):
+def _text_model(seed=0, text_dim=32, **extra):
     torch.manual_seed(seed)
     cfg = UNetConfig(in_channels=4, base_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
-                     head_dim=8, norm_groups=8, text_dim=text_dim, frame_conditioning=False)
+                     head_dim=8, norm_groups=8, text_dim=text_dim, frame_conditioning=False, **extra)
     model = UNet3D(cfg).eval()
     with torch.no_grad():  # zero-initialised projections would hide the text at init
         for name, p in model.named_parameters():
@@ -113,6 +113,45 @@ def test_cross_attention_uses_the_text_and_null_rows_are_the_null_text():
         p1 = model(x[:1], t[:1], text=masked, text_mask=m2)
         p2 = model(x[:1], t[:1], text=torch.cat([a[:, :2], torch.zeros(1, 3, 32)], 1), text_mask=m2)
     assert torch.allclose(p1, p2, atol=1e-6)
+
+
+def test_pooled_text_is_standardised_by_the_running_statistics_of_training_captions():
+    model = _text_model(text_pool_norm=True).train()
+    assert UNetConfig(text_dim=32).to_dict().get("text_pool_norm") is None  # off: config.json as before
+    assert not any(k.startswith("text_pool_") for k in _text_model().state_dict())  # off: no new buffers
+    seen = []
+    fed = model.text_pool.register_forward_hook(lambda mod, args, out: seen.append(args[0].detach().clone()))
+    gen = torch.Generator().manual_seed(1)
+    common = torch.randn(32, generator=gen) * 3  # a large direction every caption shares, as a frozen encoder's
+    rows = []
+    for _ in range(4):
+        text = common + torch.randn(3, 5, 32, generator=gen) * torch.linspace(0.1, 2, 32)
+        mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]], dtype=torch.bool)  # row 3: null
+        model(torch.randn(3, 4, 2, 8, 8, generator=gen), torch.tensor([10, 500, 900]), text=text, text_mask=mask)
+        rows += [text[0, :3].mean(0), text[1].mean(0)]  # the pooled captions, by hand; the null row is not one
+    rows = torch.stack(rows).double()
+    assert int(model.text_pool_count) == 8
+    assert torch.allclose(model.text_pool_mean.double(), rows.mean(0), atol=1e-5)
+    assert torch.allclose(model.text_pool_var.double(), rows.var(0, unbiased=False), atol=1e-4)
+    last = (rows[-2:] - rows.mean(0)) / (rows.var(0, unbiased=False) + 1e-6).sqrt()
+    assert torch.allclose(seen[-1][:2].double(), last, atol=1e-4) and torch.equal(seen[-1][2], torch.zeros(32))
+    assert (seen[-1][:2].abs().mean() > 0.3) and (seen[-1][:2].abs().max() < 5)  # unit scale, common part gone
+
+    model.eval()  # frozen: eval forwards use the statistics and do not change them
+    before = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("text_pool_")}
+    x, t = torch.randn(2, 4, 2, 8, 8), torch.tensor([300, 300])
+    text, mask = common + torch.randn(2, 5, 32), torch.ones(2, 5, dtype=torch.bool)
+    with torch.no_grad():
+        out = model(x, t, text=text, text_mask=mask)
+        null = model(x, t, text=text, text_mask=torch.zeros_like(mask))
+        none = model(x, t)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert torch.allclose(null, none, atol=1e-6)  # the null text stays the null text
+    fed.remove()
+    reloaded = _text_model(seed=5, text_pool_norm=True)
+    reloaded.load_state_dict(model.state_dict())  # the statistics travel with the weights
+    with torch.no_grad():
+        assert torch.equal(reloaded(x, t, text=text, text_mask=mask), out)
 
 
 def test_model_without_text_is_unchanged():
