@@ -6,6 +6,7 @@ import math
 import sys
 
 import pytest
+from safetensors.torch import load_file
 
 from scripts import benchmark
 from scripts.runtime.reference import model_section, unet_block_types
@@ -147,6 +148,10 @@ def test_quality_bench_runs_end_to_end_through_the_command_lines(tmp_path, capsy
     assert set(rows) == {"samples", "training_videos", "class_conditional_baseline"}
     assert rows["training_videos"]["videos"] == 12 and rows["training_videos"]["colour"] == 1.0
     assert rows["class_conditional_baseline"]["videos"] == 3
+    # the text model standardises its pooled text, with statistics of the captions it trained on
+    assert json.loads((text / "diffusion" / "export" / "config.json").read_text())["unet"]["text_pool_norm"] is True
+    weights = load_file(text / "diffusion" / "export" / "model.safetensors")
+    assert int(weights["text_pool_count"]) > 0 and float(weights["text_pool_var"].min()) > 0
     # one clip per video, the first (the one its caption describes): as many clips as videos
     manifest = json.loads((text / "shards" / "manifest.json").read_text())
     totals = manifest["totals"]
