@@ -195,11 +195,10 @@ class UNet3D(nn.Module):
 
     def _standardise(self, pooled: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
         """config.text_pool_norm: (pooled - mean) / std per feature for the rows with text; the null
-        text's rows stay 0. In training mode the rows with text update the statistics first."""
+        text's rows stay 0. In training mode the rows with text update the statistics first; before any
+        update the buffers' mean 0 and variance 1 leave the rows as they are."""
         if self.training and bool(real.any()):
             self._update_text_stats(pooled[real].detach().float())
-        if int(self.text_pool_count) == 0:
-            return pooled
         normed = (pooled - self.text_pool_mean) * torch.rsqrt(self.text_pool_var + 1e-6)
         return torch.where(real[:, None], normed, torch.zeros_like(normed))
 
