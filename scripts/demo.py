@@ -84,9 +84,9 @@ def main(argv=None) -> int:
     vae_steps = [] if args.vae_steps is None else [f"train.max_steps={args.vae_steps}"]
     diff_steps = [] if args.diffusion_steps is None else [f"train.max_steps={args.diffusion_steps}"]
     enc_text = [f"encode.text_encoder={te}", f"encode.text_max_length={BUILTIN_TEXT_LENGTH}"] if text else []
-    # the pooled text standardised (model.text_pool_norm, since 2026-12-08): on the demo's data, VAE and
-    # shards, 48 unseen prompts, colour 100% against 77% and colour match 98% against 75%, drift 2.4 against
-    # 5.5 dE; shape and direction unchanged (README "The demo")
+    # the pooled text standardised (model.text_pool_norm, since 2026-12-08): on two draws of the demo's data
+    # and VAE, 48 unseen prompts each, colour 100% / 92% against 77% / 81%, colour match 98% / 81% against
+    # 75% / 69%, drift 2.4 / 4.5 against 5.5 / 8.0 dE; shape and direction unchanged (README "Text-to-video")
     diff_text = [f"text.encoder={te}", f"text.max_length={BUILTIN_TEXT_LENGTH}", "data.class_conditional=false",
                  "model.text_pool_norm=true"] if text else []
     smp_text = ["--prompts", str(prompts)] if text else []
